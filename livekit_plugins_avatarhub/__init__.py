@@ -1,0 +1,108 @@
+"""bitHuman avatars for LiveKit Agents, rendered on the local runtime.
+
+``AvatarSession`` takes the arguments of bitHuman's cloud interface and of
+``livekit-plugins-bithuman``; an ``avatar_id`` is downloaded and cached on first use.
+``bithuman`` itself is imported only when a session starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from livekit.agents import Plugin
+
+from .avatar import AvatarSession
+from .exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    AuthenticationError,
+    AvatarHubError,
+    AvatarNotFoundError,
+    CacheError,
+    CloudOnlyError,
+    ConfigurationError,
+    IntegrityError,
+    InvalidAvatarIdError,
+    LockTimeoutError,
+    MissingSecretError,
+    ModelFileError,
+    ModelNotDownloadableError,
+    ModelNotReadyError,
+    NotCachedError,
+    RateLimitedError,
+    RuntimeLoadError,
+    ServiceUnavailableError,
+)
+from .log import logger
+from .publish import VideoPublishOptions
+from .resolver import AvatarResolver, CachedModelResolver
+from .runtime import AvatarRuntime
+from .settings import DEMO_AVATAR_ID
+from .version import __version__
+
+if TYPE_CHECKING:
+    from bithuman import VideoControl
+
+    from .demo import DemoRuntime
+
+__all__ = [
+    "DEMO_AVATAR_ID",
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "AuthenticationError",
+    "AvatarHubError",
+    "AvatarNotFoundError",
+    "AvatarResolver",
+    "AvatarRuntime",
+    "AvatarSession",
+    "CacheError",
+    "CachedModelResolver",
+    "CloudOnlyError",
+    "ConfigurationError",
+    "DemoRuntime",
+    "IntegrityError",
+    "InvalidAvatarIdError",
+    "LockTimeoutError",
+    "MissingSecretError",
+    "ModelFileError",
+    "ModelNotDownloadableError",
+    "ModelNotReadyError",
+    "NotCachedError",
+    "RateLimitedError",
+    "RuntimeLoadError",
+    "ServiceUnavailableError",
+    "VideoControl",
+    "VideoPublishOptions",
+    "__version__",
+]
+
+# Loaded on first access, so `import livekit_plugins_avatarhub` stays free of bithuman (~50 MB).
+_LAZY = {
+    "VideoControl": ("bithuman", "VideoControl"),
+    "DemoRuntime": ("livekit_plugins_avatarhub.demo", "DemoRuntime"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class AvatarHubPlugin(Plugin):
+    def __init__(self) -> None:
+        super().__init__(__name__, __version__, __package__, logger)
+
+
+Plugin.register_plugin(AvatarHubPlugin())

@@ -1,0 +1,304 @@
+"""``AvatarSession``: the bitHuman plugin's interface, rendered on the local runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from livekit import rtc
+from livekit.agents import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    NOT_GIVEN,
+    APIConnectOptions,
+    NotGivenOr,
+    utils,
+)
+from livekit.agents.voice.avatar import AvatarOptions, AvatarRunner
+
+from . import _compat
+from .cache import hold
+from .exceptions import (
+    CLOUD_PLUGIN_HINT,
+    AvatarHubError,
+    CloudOnlyError,
+    ConfigurationError,
+    MissingSecretError,
+)
+from .generator import RuntimeVideoGenerator
+from .local_runtime import check_model_file, load_bithuman_runtime
+from .log import logger
+from .publish import PublishingRoom, VideoPublishOptions
+from .resolver import AvatarResolver
+from .runtime import AvatarRuntime
+from .settings import DEMO_AVATAR_ID, env_or, is_cloud_only, model_family, redact, validate_avatar_id
+
+if TYPE_CHECKING:
+    from livekit.agents import AgentSession
+
+_AVATAR_PARTICIPANT = "bithuman-avatar-agent"
+
+
+class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
+    """A bitHuman avatar in a LiveKit room, rendered by this process.
+
+    Takes the arguments of ``livekit.plugins.bithuman.AvatarSession`` (cloud and local) so that
+    code written for either runs unchanged, and adds:
+
+    * ``avatar_id`` works locally: the id is resolved to a cached ``.imx`` (downloaded from
+      bitHuman when needed). ``avatar_id="demo"`` is a built-in avatar needing no account.
+    * ``resolver``: how ids become files (default: download and cache, see ``ModelHub``).
+    * ``video_options``: codec, layers, frame-rate cap and bitrate of the video track
+      (default H.264, one layer, at the avatar's frame rate).
+    * ``output_size``: the rendered resolution, ``(width, height)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_url: NotGivenOr[str] = NOT_GIVEN,
+        api_secret: NotGivenOr[str] = NOT_GIVEN,
+        api_token: NotGivenOr[str] = NOT_GIVEN,
+        model: NotGivenOr[str] = NOT_GIVEN,
+        model_path: NotGivenOr[str | None] = NOT_GIVEN,
+        runtime: NotGivenOr[AvatarRuntime | None] = NOT_GIVEN,
+        avatar_image: NotGivenOr[Any] = NOT_GIVEN,
+        avatar_id: NotGivenOr[str] = NOT_GIVEN,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+        avatar_participant_identity: NotGivenOr[str] = NOT_GIVEN,
+        avatar_participant_name: NotGivenOr[str] = NOT_GIVEN,
+        resolver: NotGivenOr[AvatarResolver] = NOT_GIVEN,
+        video_options: VideoPublishOptions | None = None,
+        output_size: NotGivenOr[tuple[int, int]] = NOT_GIVEN,
+    ) -> None:
+        super().__init__()
+        if utils.is_given(avatar_image) and avatar_image is not None:
+            raise CloudOnlyError(
+                "avatar_image= starts a cloud photo session (Expression 1), which has no local "
+                f"runtime; create an agent from the photo and pass avatar_id=, or {CLOUD_PLUGIN_HINT}"
+            )
+        self._api_url = env_or(api_url, "BITHUMAN_API_URL")
+        self._api_secret = env_or(api_secret, "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY")
+        self._api_token = env_or(api_token, "BITHUMAN_API_TOKEN")
+        self._model = model if utils.is_given(model) and model else None
+        if self._model is not None and not is_cloud_only(self._model):
+            model_family(self._model)  # rejects unknown names now, not at start()
+        self._conn_options = conn_options
+        self._participant_identity = env_or(avatar_participant_identity) or _AVATAR_PARTICIPANT
+        self._participant_name = env_or(avatar_participant_name) or _AVATAR_PARTICIPANT
+        self._video_options = video_options or VideoPublishOptions()
+        self._output_size = output_size if utils.is_given(output_size) else None
+
+        given_runtime = runtime if utils.is_given(runtime) else None
+        self._runtime: AvatarRuntime | None = given_runtime
+        self._owns_runtime = given_runtime is None
+        self._avatar_id, self._model_path = self._choose_source(avatar_id, model_path)
+        if given_runtime is None and self._avatar_id != DEMO_AVATAR_ID:
+            self._require_secret()
+
+        self._resolver = resolver if utils.is_given(resolver) else None
+        self._runner: AvatarRunner | None = None
+        self._generator: RuntimeVideoGenerator | None = None
+        self._holds = contextlib.ExitStack()
+        self._started = False
+        self._closed = False
+
+    def _choose_source(
+        self, avatar_id: NotGivenOr[str], model_path: NotGivenOr[str | None]
+    ) -> tuple[str | None, str | None]:
+        """Explicit arguments win; the environment fills in only when neither is passed."""
+        arg_id = avatar_id if utils.is_given(avatar_id) and avatar_id else None
+        arg_path = model_path if utils.is_given(model_path) and model_path else None
+        if arg_id and arg_path:
+            raise ConfigurationError("pass avatar_id= or model_path=, not both")
+        if not arg_id and not arg_path:
+            env_id, env_path = env_or(None, "BITHUMAN_AVATAR_ID"), env_or(None, "BITHUMAN_MODEL_PATH")
+            if env_id and env_path and self._runtime is None:
+                raise ConfigurationError(
+                    "both BITHUMAN_AVATAR_ID and BITHUMAN_MODEL_PATH are set; unset one, or pass "
+                    "avatar_id= or model_path= explicitly"
+                )
+            arg_id, arg_path = env_id, env_path
+        if not arg_id and not arg_path and self._runtime is None:
+            raise ConfigurationError(
+                f"no avatar: pass avatar_id= (a bitHuman agent code, or {DEMO_AVATAR_ID!r} for the "
+                "built-in demo) or model_path= (an .imx file), or set BITHUMAN_AVATAR_ID / "
+                "BITHUMAN_MODEL_PATH"
+            )
+        if arg_id and arg_id != DEMO_AVATAR_ID:
+            validate_avatar_id(arg_id)
+        if arg_path and self._model is not None:
+            logger.debug("model=%r is ignored with model_path: the file decides", self._model)
+        return arg_id, arg_path
+
+    def _require_secret(self) -> None:
+        if self._api_secret:
+            return
+        if self._api_token and _compat.token_alone_accepted() and self._model_path:
+            return
+        hint = " (an api_token alone is refused by bithuman 2.x)" if self._api_token else ""
+        raise MissingSecretError(
+            "a bitHuman API secret is required: pass api_secret= or set BITHUMAN_API_SECRET"
+            f"{hint}; avatar_id='demo' runs without one"
+        )
+
+    def __repr__(self) -> str:
+        source = f"avatar_id={self._avatar_id!r}" if self._avatar_id else f"model_path={self._model_path!r}"
+        return (
+            f"AvatarSession({source}, model={self._model!r}, api_secret={redact(self._api_secret)}, "
+            f"api_token={redact(self._api_token)})"
+        )
+
+    # -- properties of the LiveKit AvatarSession interface ----------------------------------
+
+    @property
+    def avatar_identity(self) -> str:
+        # rendered in this process: the agent's own participant publishes the avatar
+        room = getattr(self, "_room", None)
+        if room is not None:
+            with contextlib.suppress(Exception):
+                return cast(str, room.local_participant.identity)
+        return self._participant_identity
+
+    @property
+    def provider(self) -> str:
+        return "avatarhub"
+
+    @property
+    def runtime(self) -> AvatarRuntime:
+        """The runtime rendering this avatar, e.g. to ``push(VideoControl(action=...))``."""
+        if self._runtime is None:
+            raise AvatarHubError("the avatar runtime is not loaded yet; call start() first")
+        return self._runtime
+
+    @property
+    def video_generator(self) -> RuntimeVideoGenerator | None:
+        return self._generator
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(
+        self,
+        agent_session: AgentSession,
+        room: rtc.Room,
+        *,
+        livekit_url: NotGivenOr[str] = NOT_GIVEN,
+        livekit_api_key: NotGivenOr[str] = NOT_GIVEN,
+        livekit_api_secret: NotGivenOr[str] = NOT_GIVEN,
+    ) -> None:
+        """Load the avatar, then route ``agent_session``'s speech through it into ``room``.
+
+        Everything that can fail on bad input (resolution, model file, runtime) fails here
+        before anything is published. The LiveKit credentials are accepted for signature
+        compatibility; an avatar rendered in this process does not need them.
+        """
+        if self._started:
+            raise AvatarHubError("this AvatarSession was already started; create one per job")
+        self._started = True
+        try:
+            runtime = await self._load_runtime()
+            generator = await RuntimeVideoGenerator.create(runtime)
+        except BaseException:
+            await self._release_runtime()
+            raise
+        self._generator = generator
+
+        await super().start(agent_session, room)
+        audio_sink = _compat.queue_audio_output(generator.audio_sample_rate)
+        width, height = generator.video_resolution
+        options = AvatarOptions(
+            video_width=width,
+            video_height=height,
+            video_fps=generator.video_fps,
+            audio_sample_rate=generator.audio_sample_rate,
+            audio_channels=1,
+        )
+        publish_room = PublishingRoom(room, self._video_options.track_options(generator.video_fps))
+        self._runner = AvatarRunner(
+            cast(rtc.Room, publish_room),
+            audio_recv=audio_sink,
+            video_gen=generator,
+            options=options,
+        )
+        await self._runner.start()
+        _compat.replace_audio_output(agent_session, audio_sink)
+        logger.info(
+            "avatar started",
+            extra={"avatar": self._avatar_id or Path(self._model_path or "").name,
+                   "size": f"{width}x{height}", "fps": generator.video_fps},
+        )
+
+    async def _load_runtime(self) -> AvatarRuntime:
+        if self._runtime is not None:  # prewarmed: new transaction for this job
+            runtime = self._runtime
+            regenerate = getattr(runtime, "_regenerate_transaction_id", None)
+            if regenerate is not None:
+                regenerate()
+            initialize = getattr(runtime, "_initialize_token", None)
+            if initialize is not None:
+                await _compat.maybe_await(initialize())
+            return runtime
+        if self._avatar_id == DEMO_AVATAR_ID:
+            from .demo import DemoRuntime
+
+            size = self._output_size or (1280, 720)
+            self._runtime = await DemoRuntime.create(output_size=size)
+            return self._runtime
+        path = await self._model_file()
+        self._holds.enter_context(await asyncio.to_thread(_hold_file, path))
+        self._runtime = await load_bithuman_runtime(
+            path,
+            api_secret=self._api_secret,
+            api_token=self._api_token,
+            api_url=self._api_url,
+            output_size=self._output_size,
+        )
+        return self._runtime
+
+    async def _model_file(self) -> Path:
+        if self._model_path:
+            return await asyncio.to_thread(check_model_file, self._model_path)
+        assert self._avatar_id is not None
+        resolver = self._resolver or self._default_resolver()
+        path = await resolver.resolve(self._avatar_id, model=self._model)
+        return await asyncio.to_thread(check_model_file, path)
+
+    def _default_resolver(self) -> AvatarResolver:
+        from .resolver import CachedModelResolver
+
+        return CachedModelResolver()
+
+    async def _release_runtime(self) -> None:
+        runtime, self._runtime = self._runtime, None
+        if runtime is not None:
+            if self._owns_runtime:
+                runtime.cleanup()
+            else:
+                runtime.interrupt()
+                self._runtime = runtime  # still the caller's; keep it reachable
+        self._holds.close()
+
+    async def aclose(self) -> None:
+        """Stop rendering and free the runtime this session loaded. Safe to call twice.
+
+        A runtime passed in with ``runtime=`` stays usable: it is interrupted, not freed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.aclose()
+        await self._release_runtime()
+        _compat.detach_room(self)
+        await super().aclose()
+
+
+def _hold_file(path: Path) -> contextlib.AbstractContextManager[None]:
+    """Open the lease now (blocking), hand back the context to keep it for the session."""
+    lease = hold(path)
+    lease.__enter__()
+    stack = contextlib.ExitStack()
+    stack.push(lease)
+    return stack

@@ -1,0 +1,165 @@
+"""Every error this package raises, rooted in :class:`AvatarHubError`.
+
+Several also subclass a builtin so that generic handlers keep working::
+
+    AvatarHubError
+    ├── ConfigurationError (ValueError)        bad or missing argument / environment variable
+    │   ├── MissingSecretError                 no api_secret / BITHUMAN_API_SECRET
+    │   ├── InvalidAvatarIdError               not ^[A-Z][A-Z0-9]{9}$
+    │   └── CloudOnlyError                     only bitHuman's cloud can render this (avatar_image, expression)
+    ├── ModelFileError (FileNotFoundError)     model file missing or unreadable
+    ├── NotCachedError (FileNotFoundError)     offline and the avatar was never pulled
+    ├── RuntimeLoadError (RuntimeError)        the avatar runtime refused to start
+    ├── CacheError (OSError)                   the cache directory cannot be written (disk full, read-only)
+    ├── LockTimeoutError (TimeoutError)        another process held the download lock too long
+    ├── IntegrityError                         downloaded bytes do not match size / sha256
+    └── APIError                               talking to the bitHuman REST API failed
+        ├── APIConnectionError (ConnectionError)
+        └── APIStatusError                     the API answered with an error status
+            ├── AuthenticationError            401 / 403
+            ├── AvatarNotFoundError            404 NOT_FOUND
+            ├── ModelNotReadyError             404 MODEL_ARTIFACT_NOT_READY (try again later)
+            ├── ModelNotDownloadableError      400 MODEL_NOT_DOWNLOADABLE / 409 MODEL_NOT_GENERATED
+            ├── InsufficientBalanceError       402
+            ├── RateLimitedError               429
+            └── ServiceUnavailableError        5xx
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "AgentGenerationFailedError",
+    "AuthenticationError",
+    "AvatarHubError",
+    "AvatarNotFoundError",
+    "CacheError",
+    "CloudOnlyError",
+    "ConfigurationError",
+    "InsufficientBalanceError",
+    "IntegrityError",
+    "InvalidAvatarIdError",
+    "LockTimeoutError",
+    "MissingSecretError",
+    "ModelFileError",
+    "ModelNotDownloadableError",
+    "ModelNotReadyError",
+    "NotCachedError",
+    "RateLimitedError",
+    "RuntimeLoadError",
+    "ServiceUnavailableError",
+]
+
+CLOUD_PLUGIN_HINT = (
+    "bitHuman's cloud renders it: use `from livekit.plugins import bithuman` "
+    "(pip install livekit-plugins-bithuman) with the same arguments"
+)
+
+
+class AvatarHubError(Exception):
+    """Base class of every error raised by livekit-plugins-avatarhub."""
+
+
+class ConfigurationError(AvatarHubError, ValueError):
+    """An argument or environment variable is missing or invalid."""
+
+
+class MissingSecretError(ConfigurationError):
+    """No bitHuman API secret was given."""
+
+
+class InvalidAvatarIdError(ConfigurationError):
+    """An avatar id is not a bitHuman agent code."""
+
+
+class CloudOnlyError(ConfigurationError):
+    """What was asked for exists only in bitHuman's cloud and cannot render locally."""
+
+
+class ModelFileError(AvatarHubError, FileNotFoundError):
+    """A model file is missing or cannot be read."""
+
+
+class NotCachedError(AvatarHubError, FileNotFoundError):
+    """Offline mode is on and the avatar is not in the local cache."""
+
+
+class RuntimeLoadError(AvatarHubError, RuntimeError):
+    """The avatar runtime could not be created from the model."""
+
+
+class CacheError(AvatarHubError, OSError):
+    """The model cache cannot be written (disk full, read-only, permissions)."""
+
+
+class LockTimeoutError(AvatarHubError, TimeoutError):
+    """Another process held an avatar's download lock for longer than the timeout."""
+
+
+class IntegrityError(AvatarHubError):
+    """Downloaded bytes do not match the size or sha256 the service announced."""
+
+
+class APIError(AvatarHubError):
+    """A call to the bitHuman REST API failed."""
+
+
+class APIConnectionError(APIError, ConnectionError):
+    """The bitHuman API (or the model storage host) could not be reached."""
+
+
+class APIStatusError(APIError):
+    """The bitHuman API answered with an error status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        code: str | None = None,
+        reason: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.reason = reason
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.status_code in (408, 429) or self.status_code >= 500
+
+
+class AuthenticationError(APIStatusError):
+    """The API secret is missing, wrong or not allowed to do this (401/403)."""
+
+
+class AvatarNotFoundError(APIStatusError):
+    """No agent with this code exists in the account (404)."""
+
+
+class ModelNotReadyError(APIStatusError):
+    """The model is still being built; try again later."""
+
+
+class ModelNotDownloadableError(APIStatusError, CloudOnlyError):
+    """The model cannot be downloaded (cloud-only family, or never generated)."""
+
+
+class InsufficientBalanceError(APIStatusError):
+    """The account has no credits left for this operation (402)."""
+
+
+class RateLimitedError(APIStatusError):
+    """Too many requests (429); retry_after says when to try again."""
+
+
+class ServiceUnavailableError(APIStatusError):
+    """The bitHuman API failed on its side (5xx)."""
+
+
+class AgentGenerationFailedError(APIError):
+    """An agent build ended in the ``failed`` state."""

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakes import FakeBithuman, write_fake_model  # noqa: E402
+
+_ENV = [
+    "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY", "BITHUMAN_API_TOKEN", "BITHUMAN_MODEL_PATH",
+    "BITHUMAN_AVATAR_ID", "BITHUMAN_API_URL", "BITHUMAN_API_BASE", "BITHUMAN_AVATAR_CACHE_GB",
+    "AVATARHUB_OFFLINE", "LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET",
+]
+
+SECRET = "sk-test-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No test sees the developer's bitHuman settings or cache."""
+    for name in _ENV:
+        monkeypatch.delenv(name, raising=False)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BITHUMAN_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def fake_bithuman(monkeypatch: pytest.MonkeyPatch) -> type[FakeBithuman]:
+    """Route runtime creation to the faithful double of AsyncBithuman."""
+    from livekit_plugins_avatarhub import _compat
+
+    FakeBithuman.created = []
+    FakeBithuman.auth_reachable = True
+    monkeypatch.setattr(_compat, "bithuman_runtime_class", lambda: FakeBithuman)
+    return FakeBithuman
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> str:
+    return write_fake_model(tmp_path / "avatar.imx", seed=b"model-a")

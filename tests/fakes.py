@@ -1,0 +1,200 @@
+"""Test doubles: a room that needs no LiveKit server, and bitHuman's runtime without its engine.
+
+``FakeRoom`` is the duck-typed room LiveKit's AvatarRunner accepts (an EventEmitter with a local
+participant that publishes tracks). Published tracks are real ``rtc`` tracks, so tests read the
+frames back through real ``rtc.VideoStream``/``rtc.AudioStream`` objects.
+
+``FakeBithuman`` reproduces ``bithuman.AsyncBithuman.create``'s check order and exceptions, and
+renders through the same paced engine contract (bithuman's own ``VideoFrame``/``AudioChunk``).
+Its frames are a flat colour derived from the model file, so tests can tell which file was loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import bithuman
+import numpy as np
+from livekit import rtc
+
+from livekit_plugins_avatarhub.runtime import FrameState, PacedRuntime
+
+FAKE_MODEL_MAGIC = b"IMX\x00fake-model"
+
+
+def write_fake_model(path: os.PathLike[str] | str, seed: bytes = b"", size: int = 4096) -> str:
+    data = FAKE_MODEL_MAGIC + hashlib.sha256(seed).digest()
+    data += bytes(max(0, size - len(data)))
+    with open(path, "wb") as f:
+        f.write(data)
+    return os.fspath(path)
+
+
+def model_colour(path: str) -> tuple[int, int, int]:
+    digest = hashlib.sha256(open(path, "rb").read()).digest()
+    return digest[0], digest[1], digest[2]
+
+
+class FakeBithuman(PacedRuntime):
+    """Same interface and failure order as ``bithuman.AsyncBithuman`` (2.x)."""
+
+    #: set False to simulate an offline machine: auth fails as in the real SDK (RuntimeError)
+    auth_reachable = True
+    created: list[FakeBithuman] = []
+
+    def __init__(self, model_path: str, output_size: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(output_size=output_size, **kwargs)
+        self.model_path = model_path
+        self.colour = model_colour(model_path)
+        self.create_kwargs: dict[str, Any] = {}
+        self.cleaned_up = 0
+        self.interrupts = 0
+        self.pushed_controls: list[bithuman.VideoControl] = []
+        self.token_initialisations = 0
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        model_path: str | None = None,
+        api_secret: str | None = None,
+        token: str | None = None,
+        api_url: str = "https://auth.api.bithuman.ai/v1/runtime-tokens/request",
+        insecure: bool = False,
+        input_buffer_size: int = 0,
+        output_buffer_size: int = 6,
+        num_threads: int = 0,
+        output_size: tuple[int, int] = (1280, 720),
+        agent_code: str | None = None,
+        **kwargs: Any,
+    ) -> FakeBithuman:
+        if not model_path:
+            raise ValueError("model_path is required")
+        if not os.path.exists(model_path):
+            raise bithuman.ModelNotFoundError(f"Model file not found: {model_path}")
+        secret = api_secret or os.environ.get("BITHUMAN_API_SECRET") or os.environ.get("BITHUMAN_API_KEY")
+        if not secret:
+            raise bithuman.BithumanError("api_secret is required (token= alone is not accepted)")
+        if not cls.auth_reachable:
+            raise RuntimeError("curl: (6) Could not resolve host: auth.api.bithuman.ai")
+        with open(model_path, "rb") as f:
+            if f.read(len(FAKE_MODEL_MAGIC)) != FAKE_MODEL_MAGIC:
+                raise bithuman.ModelLoadError(f"Failed to load model: {model_path} is not an IMX model")
+        runtime = cls(model_path, output_size)
+        runtime.create_kwargs = {"api_secret": api_secret, "token": token, "api_url": api_url,
+                                 "output_size": output_size, **kwargs}
+        cls.created.append(runtime)
+        return runtime
+
+    def render(self, state: FrameState) -> np.ndarray:
+        w, h = self.output_size
+        image = np.empty((h, w, 3), np.uint8)
+        image[:] = self.colour
+        # the mouth as a bar whose height follows the audio, like a real avatar's lips
+        bar = int(state.mouth * (h // 4))
+        if bar:
+            image[h - bar :, : w // 8] = 255
+        return image
+
+    def interrupt(self) -> None:
+        self.interrupts += 1
+        super().interrupt()
+
+    async def push(self, control: bithuman.VideoControl) -> None:
+        self.pushed_controls.append(control)
+        await super().push(control)
+
+    def cleanup(self) -> None:
+        self.cleaned_up += 1
+        super().cleanup()
+
+    async def _initialize_token(self) -> None:
+        self.token_initialisations += 1
+
+
+# --- a room without a server ----------------------------------------------------------------
+
+
+@dataclass
+class FakePublication:
+    track: Any
+    options: Any
+    sid: str
+
+    @property
+    def kind(self) -> Any:
+        return self.track.kind
+
+    async def wait_for_subscription(self) -> None:
+        return None
+
+
+@dataclass
+class FakeLocalParticipant:
+    room: FakeRoom
+    identity: str = "agent-test"
+    kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    track_publications: dict[str, FakePublication] = field(default_factory=dict)
+    rpc_methods: dict[str, Any] = field(default_factory=dict)
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    def register_rpc_method(self, method: str, handler: Any = None) -> Any:
+        if handler is None:
+            def decorator(fn: Any) -> Any:
+                self.rpc_methods[method] = fn
+                return fn
+
+            return decorator
+        self.rpc_methods[method] = handler
+        return None
+
+    def unregister_rpc_method(self, method: str) -> None:
+        self.rpc_methods.pop(method, None)
+
+    async def publish_track(self, track: Any, options: Any = None) -> FakePublication:
+        pub = FakePublication(track, options, f"TR_{len(self.track_publications)}")
+        self.track_publications[pub.sid] = pub
+        self.room.emit("local_track_published", pub, track)
+        return pub
+
+    def publication(self, kind: Any) -> FakePublication | None:
+        for pub in self.track_publications.values():
+            if pub.track.kind == kind:
+                return pub
+        return None
+
+
+class FakeRoom(rtc.EventEmitter[str]):
+    def __init__(self, name: str = "test-room") -> None:
+        super().__init__()
+        self.name = name
+        self.remote_participants: dict[str, Any] = {}
+        self.local_participant = FakeLocalParticipant(self)
+
+    def isconnected(self) -> bool:
+        return True
+
+    async def wait_published(self, kind: Any, timeout: float = 10.0) -> FakePublication:
+        async def poll() -> FakePublication:
+            while (pub := self.local_participant.publication(kind)) is None:
+                await asyncio.sleep(0.01)
+            return pub
+
+        return await asyncio.wait_for(poll(), timeout)
+
+
+async def sine_frames(seconds: float, *, sample_rate: int = 16000, freq: float = 220.0,
+                      amplitude: float = 0.5, chunk_ms: int = 20):
+    """Speech stand-in: a loud tone as rtc.AudioFrames, produced faster than real time."""
+    n = int(sample_rate * chunk_ms / 1000)
+    total = int(seconds * sample_rate)
+    t = np.arange(total) / sample_rate
+    pcm = (np.sin(2 * np.pi * freq * t) * amplitude * 32767).astype(np.int16)
+    for start in range(0, total, n):
+        part = pcm[start : start + n]
+        yield rtc.AudioFrame(part.tobytes(), sample_rate, 1, len(part))
+        await asyncio.sleep(0)
