@@ -1,0 +1,203 @@
+"""End to end with no LiveKit server: AgentSession → AvatarSession → tracks in a test room.
+
+Frames are read back from the published tracks with real rtc.VideoStream / rtc.AudioStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from livekit import rtc
+from livekit.agents import Agent, AgentSession
+
+from conftest import SECRET
+from fakes import FakeRoom, sine_frames
+from livekit_plugins_avatarhub import AvatarSession, VideoPublishOptions
+
+
+@dataclass
+class Capture:
+    video: list[tuple[float, rtc.VideoFrame]] = field(default_factory=list)
+    audio: list[rtc.AudioFrame] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    streams: list = field(default_factory=list)
+
+    async def attach(self, room: FakeRoom) -> None:
+        vpub = await room.wait_published(rtc.TrackKind.KIND_VIDEO)
+        apub = room.local_participant.publication(rtc.TrackKind.KIND_AUDIO)
+        assert apub is not None
+
+        video = rtc.VideoStream(vpub.track)
+        audio = rtc.AudioStream(apub.track, sample_rate=16000, num_channels=1)
+        self.streams = [video, audio]
+
+        async def read_video():
+            async for ev in video:
+                self.video.append((time.monotonic(), ev.frame))
+
+        async def read_audio():
+            async for ev in audio:
+                self.audio.append(ev.frame)
+
+        self.tasks = [asyncio.create_task(read_video()), asyncio.create_task(read_audio())]
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for stream in self.streams:
+            await stream.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running(avatar: AvatarSession):
+    room = FakeRoom()
+    session = AgentSession()
+    await avatar.start(session, room=room)
+    await session.start(agent=Agent(instructions="test"))
+    capture = Capture()
+    try:
+        yield session, room, capture
+    finally:
+        await capture.close()
+        await avatar.aclose()
+        await session.aclose()
+
+
+async def test_speech_renders_video_and_audio_at_runtime_rate(model_file, fake_bithuman):
+    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(320, 240))
+    async with running(avatar) as (session, room, capture):
+        handle = session.say("hello", audio=sine_frames(1.2))
+        await capture.attach(room)
+        started = time.monotonic()
+        await asyncio.wait_for(handle.wait_for_playout(), 10)
+        played = time.monotonic() - started
+        assert not handle.interrupted
+        await asyncio.sleep(0.5)
+        runtime = avatar.runtime
+        assert runtime is fake_bithuman.created[0]
+
+    # playback_finished came back after the audio was rendered in real time
+    assert 1.0 < played < 2.5
+    frames = capture.video
+    span = frames[-1][0] - frames[0][0]
+    fps = (len(frames) - 1) / span
+    assert 21 <= fps <= 29, fps
+    assert all(f.width == 320 and f.height == 240 for _, f in frames)
+    # the frames are the model's (colour from the file), converted BGR → RGB
+    rgb = frames[0][1].convert(rtc.VideoBufferType.RGB24)
+    pixel = np.frombuffer(rgb.data, np.uint8).reshape(240, 320, 3)[10, 300]
+    b, g, r = runtime.colour
+    assert np.allclose(pixel, (r, g, b), atol=8)
+    # every sample of speech was published
+    samples = sum(f.samples_per_channel for f in capture.audio)
+    assert samples >= int(1.2 * 16000) * 0.95
+    assert runtime.cleaned_up == 1  # aclose freed the runtime it created
+
+
+async def test_interrupt_clears_the_runtime_and_closes_the_mouth(model_file, fake_bithuman):
+    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(160, 120))
+    async with running(avatar) as (session, room, capture):
+        handle = session.say("a long answer", audio=sine_frames(5.0))
+        await capture.attach(room)
+        await asyncio.sleep(1.0)
+        runtime = avatar.runtime
+        assert runtime.interrupts == 0
+        session.interrupt()
+        interrupted_at = time.monotonic()
+        await asyncio.wait_for(handle.wait_for_playout(), 5)
+        await asyncio.sleep(0.6)
+        assert handle.interrupted
+        assert runtime.interrupts >= 1
+
+    def mouth_open(frame: rtc.VideoFrame) -> bool:
+        img = np.frombuffer(frame.convert(rtc.VideoBufferType.RGB24).data, np.uint8)
+        return bool(img.reshape(120, 160, 3)[-2, 2].min() > 240)
+
+    before = [mouth_open(f) for t, f in capture.video if t < interrupted_at]
+    after = [mouth_open(f) for t, f in capture.video if t > interrupted_at + 0.2]
+    assert sum(before) > 10, "the avatar talked before the interruption"
+    assert after and not any(after), "the mouth stays closed after the interruption"
+
+
+async def test_video_is_published_h264_single_layer_at_avatar_fps(model_file, fake_bithuman):
+    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(160, 120))
+    async with running(avatar) as (session, room, _):
+        session.say("hi", audio=sine_frames(0.2))
+        vpub = await room.wait_published(rtc.TrackKind.KIND_VIDEO)
+        opts = vpub.options
+        assert opts.video_codec == rtc.VideoCodec.H264
+        assert opts.simulcast is False
+        assert opts.video_encoding.max_framerate == 25
+        assert opts.source == rtc.TrackSource.SOURCE_CAMERA
+
+
+async def test_publish_options_are_configurable(model_file, fake_bithuman):
+    options = VideoPublishOptions(codec="vp8", simulcast=True, max_fps=15, max_bitrate=1_500_000)
+    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(160, 120),
+                           video_options=options)
+    async with running(avatar) as (session, room, _):
+        session.say("hi", audio=sine_frames(0.2))
+        vpub = await room.wait_published(rtc.TrackKind.KIND_VIDEO)
+        assert vpub.options.video_codec == rtc.VideoCodec.VP8
+        assert vpub.options.simulcast is True
+        assert vpub.options.video_encoding.max_framerate == 15
+        assert vpub.options.video_encoding.max_bitrate == 1_500_000
+
+
+def test_publish_options_reject_nonsense():
+    with pytest.raises(ValueError, match="codec"):
+        VideoPublishOptions(codec="mpeg2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_fps"):
+        VideoPublishOptions(max_fps=0)
+
+
+async def test_prewarmed_runtime_is_reused_across_jobs_and_not_freed(model_file, fake_bithuman):
+    runtime = await fake_bithuman.create(model_path=model_file, api_secret=SECRET,
+                                         output_size=(160, 120))
+    for job in range(2):
+        avatar = AvatarSession(runtime=runtime, api_secret=SECRET)
+        async with running(avatar) as (session, room, capture):
+            handle = session.say("hello", audio=sine_frames(0.3))
+            await capture.attach(room)
+            await asyncio.wait_for(handle.wait_for_playout(), 5)
+            assert avatar.runtime is runtime
+        assert runtime.token_initialisations == job + 1
+    assert runtime.cleaned_up == 0
+    assert len(fake_bithuman.created) == 1
+
+
+async def test_aclose_is_idempotent_and_safe_before_start(model_file, fake_bithuman):
+    never_started = AvatarSession(model_path=model_file, api_secret=SECRET)
+    await never_started.aclose()
+    await never_started.aclose()
+    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(160, 120))
+    room = FakeRoom()
+    session = AgentSession()
+    await avatar.start(session, room=room)
+    await avatar.aclose()
+    await avatar.aclose()
+    assert fake_bithuman.created[0].cleaned_up == 1
+    await session.aclose()
+
+
+async def test_runtime_push_reaches_the_runtime(model_file, fake_bithuman):
+    from livekit_plugins_avatarhub import VideoControl
+
+    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(160, 120))
+    async with running(avatar):
+        await avatar.runtime.push(VideoControl(action="wave"))
+        assert [c.action for c in avatar.runtime.pushed_controls] == ["wave"]
+
+
+async def test_starting_twice_is_refused(fake_bithuman, model_file):
+    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(160, 120))
+    async with running(avatar) as (session, room, _):
+        with pytest.raises(Exception, match="already started"):
+            await avatar.start(session, room=room)
