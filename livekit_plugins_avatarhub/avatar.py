@@ -265,9 +265,13 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         return await asyncio.to_thread(check_model_file, path)
 
     def _default_resolver(self) -> AvatarResolver:
-        from .resolver import CachedModelResolver
+        from .api import RetryPolicy
+        from .hub import ModelHub
 
-        return CachedModelResolver()
+        options = self._conn_options
+        retry = RetryPolicy(attempts=max(1, options.max_retry + 1),
+                            base_delay=max(0.1, options.retry_interval))
+        return ModelHub(api_secret=self._api_secret, retry=retry, timeout=max(options.timeout, 30.0))
 
     async def _release_runtime(self) -> None:
         runtime, self._runtime = self._runtime, None

@@ -211,6 +211,15 @@ class ModelCache:
 
     # -- removal ----------------------------------------------------------------------------
 
+    def remove_partials(self, code: str) -> int:
+        """Delete abandoned ``.incomplete`` files; call only while holding the download lock."""
+        removed = 0
+        for path in self.agent_dir(code).glob(f".*{INCOMPLETE_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+        return removed
+
     def remove(self, code: str) -> int:
         """Delete everything cached for ``code``; returns the bytes freed."""
         directory = self.agent_dir(code)

@@ -1,0 +1,273 @@
+"""Streaming a model file to disk: resumable, verified, and atomic.
+
+The bytes go to a uniquely named ``.incomplete`` file beside the destination, are hashed while
+they are written (on a second thread, so hashing overlaps the write), are checked against the
+announced size and sha256, and only then get the final name with ``os.replace``. A dropped
+connection resumes with ``Range`` when the server answers 206 with a matching ``Content-Range``;
+a 200 to a Range request, or a 416, starts over. Any failure removes the partial file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import os
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+import httpx
+
+from .api import RetryPolicy
+from .cache import INCOMPLETE_SUFFIX, cache_error
+from .exceptions import APIConnectionError, APIError, APIStatusError, IntegrityError
+from .log import logger
+
+CHUNK_SIZE = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    path: Path
+    size: int
+    sha256: str
+    etag: str | None
+    last_modified: str | None
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    size: int | None
+    etag: str | None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_download_url(url: str) -> httpx.URL:
+    """Only https, or plain http to this machine (for local test servers)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        raise APIError("the model download URL is not a valid URL") from None
+    if parsed.scheme == "https" or (parsed.scheme == "http" and is_loopback(parsed.host)):
+        return parsed
+    raise APIError(
+        f"refusing to download a model from {parsed.scheme}://{parsed.host}: only https is allowed"
+    )
+
+
+def public_location(url: str) -> str:
+    """The URL without its query: pre-signed queries are credentials and are never stored."""
+    parsed = httpx.URL(url)
+    return str(parsed.copy_with(query=None, fragment=None))
+
+
+class _Restart(Exception):
+    """The server cannot continue the partial download; start from byte zero."""
+
+
+class _Interrupted(Exception):
+    """The body ended early."""
+
+
+def _http_error(response: httpx.Response) -> APIStatusError:
+    return APIStatusError(
+        f"model storage answered HTTP {response.status_code}"
+        + (" (the download link may have expired; resolving again fetches a new one)"
+           if response.status_code in (401, 403) else ""),
+        status_code=response.status_code,
+    )
+
+
+async def download(
+    client: httpx.AsyncClient,
+    url: str,
+    dest: Path,
+    *,
+    expected_size: int | None = None,
+    sha256: str | None = None,
+    retry: RetryPolicy | None = None,
+    progress: Progress | None = None,
+) -> Downloaded:
+    """Fetch ``url`` to ``dest``. ``client`` must carry no credentials of the bitHuman API."""
+    check_download_url(url)
+    retry = retry or RetryPolicy()
+    partial = dest.parent / f".{dest.name}.{secrets.token_hex(6)}{INCOMPLETE_SUFFIX}"
+    try:
+        try:
+            f = await aiofiles.open(partial, "wb")
+        except OSError as err:
+            raise cache_error(err, dest.parent, "write the model") from err
+        try:
+            result = await _fetch(client, url, f, expected_size, retry, progress)
+        finally:
+            await f.close()
+        written, digest, etag, modified = result
+        if expected_size is not None and written != expected_size:
+            raise IntegrityError(
+                f"{dest.name}: received {written} bytes, the service announced {expected_size}"
+            )
+        if sha256 is not None and digest != sha256.lower():
+            raise IntegrityError(
+                f"{dest.name}: sha256 {digest} does not match the announced {sha256}; "
+                "the file was discarded"
+            )
+        try:
+            await asyncio.to_thread(os.replace, partial, dest)
+        except OSError as err:
+            raise cache_error(err, dest.parent, "move the model into place") from err
+        return Downloaded(dest, written, digest, etag, modified)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, partial)
+
+
+async def _fetch(
+    client: httpx.AsyncClient,
+    url: str,
+    f: aiofiles.threadpool.binary.AsyncBufferedIOBase,
+    expected_size: int | None,
+    retry: RetryPolicy,
+    progress: Progress | None,
+) -> tuple[int, str, str | None, str | None]:
+    hasher = hashlib.sha256()
+    written = 0
+    total = expected_size
+    etag = modified = None
+    failures = 0
+
+    async def restart() -> None:
+        nonlocal hasher, written
+        await f.seek(0)
+        await f.truncate()
+        hasher, written = hashlib.sha256(), 0
+
+    while True:
+        headers = {"accept-encoding": "identity"}
+        if written:
+            headers["range"] = f"bytes={written}-"
+        try:
+            async with client.stream("GET", url, headers=headers) as response:
+                if response.status_code == 416:
+                    logger.info("server refused to resume (416); restarting the download")
+                    raise _Restart
+                if response.status_code >= 400:
+                    error = _http_error(response)
+                    if not error.retryable:
+                        raise error
+                    raise _Interrupted(str(error))
+                if written and response.status_code == 200:
+                    logger.info("server ignored the Range request; restarting the download")
+                    await restart()
+                elif written and response.status_code == 206:
+                    match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+                    if not match or int(match.group(1)) != written or (
+                        total is not None and match.group(3) != "*" and int(match.group(3)) != total
+                    ):
+                        raise _Restart
+                    logger.info("resuming the download at byte %d", written)
+                if not written:
+                    length = response.headers.get("content-length")
+                    if response.status_code == 200 and length and length.isdigit():
+                        total = total if total is not None else int(length)
+                    etag = response.headers.get("etag")
+                    modified = response.headers.get("last-modified")
+                # chunks arrive as the network delivers them (~64 KB); they are written and
+                # hashed in batches of about CHUNK_SIZE, one thread hop each, without joining
+                batch: list[bytes] = []
+                pending = 0
+                try:
+                    async for chunk in response.aiter_raw():
+                        batch.append(chunk)
+                        pending += len(chunk)
+                        if pending >= CHUNK_SIZE:
+                            written = await _store(f, hasher, batch, written, total, progress)
+                            batch, pending = [], 0
+                finally:
+                    # what arrived before a failure is good data: keep it for the resume
+                    if batch:
+                        written = await _store(f, hasher, batch, written, total, progress)
+            if total is not None and written < total:
+                raise _Interrupted(f"connection closed after {written} of {total} bytes")
+            await f.flush()
+            return written, hasher.hexdigest(), etag, modified
+        except _Restart:
+            await restart()
+            failures += 1
+        except (httpx.TransportError, _Interrupted) as err:
+            failures += 1
+            if failures >= retry.attempts:
+                raise APIConnectionError(
+                    f"model download failed after {failures} attempts: {type(err).__name__}: {err}"
+                ) from None
+            delay = retry.delay(failures - 1)
+            logger.info("model download interrupted at %d bytes (%s); retrying in %.1fs",
+                        written, type(err).__name__, delay)
+            await asyncio.sleep(delay)
+            continue
+        if failures >= retry.attempts:
+            raise APIConnectionError(f"model download could not be restarted after {failures} tries")
+
+
+def _hash_all(hasher: hashlib._Hash, batch: list[bytes]) -> None:
+    for chunk in batch:
+        hasher.update(chunk)
+
+
+async def _store(
+    f: aiofiles.threadpool.binary.AsyncBufferedIOBase,
+    hasher: hashlib._Hash,
+    batch: list[bytes],
+    written: int,
+    total: int | None,
+    progress: Progress | None,
+) -> int:
+    try:
+        await asyncio.gather(f.writelines(batch), asyncio.to_thread(_hash_all, hasher, batch))
+    except OSError as err:
+        raise cache_error(err, Path(str(f.name)).parent, "write the model") from err
+    written += sum(len(c) for c in batch)
+    if progress is not None:
+        progress(written, total)
+    return written
+
+
+async def probe(client: httpx.AsyncClient, url: str) -> RemoteFile:
+    """Size and ETag of ``url`` without its body: HEAD, else a one-byte ranged GET.
+
+    Pre-signed storage URLs are often signed for GET only, so HEAD may be refused.
+    """
+    check_download_url(url)
+    try:
+        response = await client.head(url)
+        if response.status_code < 400:
+            length = response.headers.get("content-length")
+            return RemoteFile(int(length) if length and length.isdigit() else None,
+                              response.headers.get("etag"))
+        async with client.stream("GET", url, headers={"range": "bytes=0-0"}) as response:
+            if response.status_code >= 400:
+                raise _http_error(response)
+            etag = response.headers.get("etag")
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+            if response.status_code == 206 and match and match.group(3) != "*":
+                return RemoteFile(int(match.group(3)), etag)
+            length = response.headers.get("content-length")
+            return RemoteFile(int(length) if response.status_code == 200 and length and
+                              length.isdigit() else None, etag)
+    except httpx.TransportError as err:
+        raise APIConnectionError(f"model storage unreachable: {type(err).__name__}") from None
