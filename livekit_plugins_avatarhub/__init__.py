@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from livekit.agents import Plugin
 
+from .api import BithumanAPI, RetryPolicy
 from .avatar import AvatarSession
 from .exceptions import (
     APIConnectionError,
@@ -34,6 +35,7 @@ from .exceptions import (
     RuntimeLoadError,
     ServiceUnavailableError,
 )
+from .hub import ModelHub, prefetch
 from .log import logger
 from .publish import VideoPublishOptions
 from .resolver import AvatarResolver, CachedModelResolver
@@ -57,6 +59,7 @@ __all__ = [
     "AvatarResolver",
     "AvatarRuntime",
     "AvatarSession",
+    "BithumanAPI",
     "CacheError",
     "CachedModelResolver",
     "CloudOnlyError",
@@ -67,15 +70,18 @@ __all__ = [
     "LockTimeoutError",
     "MissingSecretError",
     "ModelFileError",
+    "ModelHub",
     "ModelNotDownloadableError",
     "ModelNotReadyError",
     "NotCachedError",
     "RateLimitedError",
+    "RetryPolicy",
     "RuntimeLoadError",
     "ServiceUnavailableError",
     "VideoControl",
     "VideoPublishOptions",
     "__version__",
+    "prefetch",
 ]
 
 # Loaded on first access, so `import livekit_plugins_avatarhub` stays free of bithuman (~50 MB).

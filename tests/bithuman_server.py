@@ -217,7 +217,7 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                        "url": f"{service.storage_base}/files/{code}/{family}?X-Signature=s3cr3tsig",
                        "expires_in": service.expires_in}
             if agent.send_sha256:
-                payload["sha256"] = hashlib.sha256(data).hexdigest()
+                payload["sha256"] = _digest(data, "sha256")
             self._send_json(200, {"success": True, "data": payload})
 
         def _generate(self, body: Any) -> None:
@@ -265,7 +265,7 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                 self.send_header("content-length", "0")
                 self.end_headers()
                 return
-            etag = '"' + hashlib.md5(data).hexdigest() + '"'
+            etag = '"' + _digest(data, "md5") + '"'
             with service.lock:
                 fault = service.storage_faults.pop(0) if service.storage_faults and not head else None
             if head and service.refuse_head:
@@ -321,6 +321,21 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                     return
 
     return Handler
+
+
+_DIGESTS: dict[tuple[int, str], tuple[bytes, str]] = {}
+
+
+def _digest(data: bytes, algorithm: str) -> str:
+    """Hashes of served files, computed once per file (model files can be hundreds of MB).
+
+    The entry keeps the bytes alive, so their id cannot be reused by another object.
+    """
+    key = (id(data), algorithm)
+    entry = _DIGESTS.get(key)
+    if entry is None or entry[0] is not data:
+        entry = _DIGESTS[key] = (data, hashlib.new(algorithm, data).hexdigest())
+    return entry[1]
 
 
 def _agent_json(agent: Agent) -> dict[str, Any]:

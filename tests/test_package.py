@@ -20,7 +20,7 @@ PUBLIC = {
     "IntegrityError", "InvalidAvatarIdError", "LockTimeoutError", "MissingSecretError",
     "ModelFileError", "ModelNotDownloadableError", "ModelNotReadyError", "NotCachedError",
     "RateLimitedError", "RuntimeLoadError", "ServiceUnavailableError", "VideoControl",
-    "VideoPublishOptions", "__version__",
+    "VideoPublishOptions", "__version__", "BithumanAPI", "ModelHub", "RetryPolicy", "prefetch",
 }
 
 

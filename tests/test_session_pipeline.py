@@ -201,3 +201,23 @@ async def test_starting_twice_is_refused(fake_bithuman, model_file):
     async with running(avatar) as (session, room, _):
         with pytest.raises(Exception, match="already started"):
             await avatar.start(session, room=room)
+
+
+async def test_avatar_id_downloads_through_the_hub_then_renders(fake_bithuman, clean_env, monkeypatch):
+    """The cloud-style call: an agent code and a secret, nothing fetched by hand."""
+    from bithuman_server import SECRET as SERVER_SECRET
+    from bithuman_server import FakeBithumanService
+
+    with FakeBithumanService() as service:
+        agent = service.add_agent("A91XMB7113")
+        monkeypatch.setenv("BITHUMAN_API_BASE", service.api_base)
+        avatar = AvatarSession(avatar_id="A91XMB7113", api_secret=SERVER_SECRET,
+                               model="essence", output_size=(160, 120))
+        async with running(avatar) as (session, room, capture):
+            handle = session.say("hi", audio=sine_frames(0.3))
+            await capture.attach(room)
+            await asyncio.wait_for(handle.wait_for_playout(), 5)
+            runtime = avatar.runtime
+            assert open(runtime.model_path, "rb").read() == agent.files["essence-1"]
+            assert runtime.model_path.startswith(str(clean_env))
+        assert capture.video

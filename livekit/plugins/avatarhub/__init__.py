@@ -13,6 +13,7 @@ from livekit_plugins_avatarhub import (
     AvatarResolver,
     AvatarRuntime,
     AvatarSession,
+    BithumanAPI,
     CacheError,
     CachedModelResolver,
     CloudOnlyError,
@@ -23,14 +24,17 @@ from livekit_plugins_avatarhub import (
     LockTimeoutError,
     MissingSecretError,
     ModelFileError,
+    ModelHub,
     ModelNotDownloadableError,
     ModelNotReadyError,
     NotCachedError,
     RateLimitedError,
+    RetryPolicy,
     RuntimeLoadError,
     ServiceUnavailableError,
     VideoPublishOptions,
     __version__,
+    prefetch,
 )
 from livekit_plugins_avatarhub import __all__ as __all__
 
