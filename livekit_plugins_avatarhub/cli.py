@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gb", type=float, required=True, help="size to shrink the cache to")
     p.set_defaults(func=cmd_prune)
 
+    p = sub.add_parser("render", help="render speech through an avatar into an MP4 (H.264 + AAC)")
+    p.add_argument("avatar", help="'demo', a bitHuman agent code, or a model file path")
+    p.add_argument("audio", nargs="?", help="any audio file (default: a bundled speech sample)")
+    p.add_argument("-o", "--output", default="avatar.mp4", help="MP4 to write (default: avatar.mp4)")
+    p.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT (default: 1280x720)")
+    p.add_argument("--model", help="model family when AVATAR is an agent code")
+    _api_options(p)
+    p.set_defaults(func=cmd_render)
+
     return parser
 
 
@@ -156,3 +165,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .render import SAMPLE_AUDIO, load_runtime, render
+
+    audio = Path(args.audio) if args.audio else SAMPLE_AUDIO
+    width, height = _parse_size(args.size)
+
+    async def run() -> int:
+        from tqdm import tqdm
+
+        runtime = await load_runtime(args.avatar, api_secret=args.api_secret, model=args.model,
+                                     output_size=(width, height))
+        bar = tqdm(desc="rendering", unit="frame", disable=None)
+
+        def on_frame(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            result = await render(runtime, audio, Path(args.output), on_frame=on_frame)
+        finally:
+            bar.close()
+            runtime.cleanup()
+        print(f"{result.path}: {result.frames} frames at {result.fps} FPS, "
+              f"{result.width}x{result.height}, {result.audio_seconds:.2f} s of audio")
+        return 0
+
+    return asyncio.run(run())
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"error: --size must look like 1280x720, not {text!r}") from None
+    if width < 64 or height < 64 or width % 2 or height % 2:
+        raise SystemExit("error: --size needs even numbers of at least 64")
+    return width, height
