@@ -14,6 +14,8 @@ from livekit.agents import Plugin
 from .api import BithumanAPI, RetryPolicy
 from .avatar import AvatarSession
 from .exceptions import (
+    AgentGenerationFailedError,
+    AgentNotReadyError,
     APIConnectionError,
     APIError,
     APIStatusError,
@@ -35,7 +37,9 @@ from .exceptions import (
     RuntimeLoadError,
     ServiceUnavailableError,
 )
+from .gestures import GestureTrigger
 from .hub import ModelHub, prefetch
+from .local_runtime import create_runtime
 from .log import logger
 from .publish import VideoPublishOptions
 from .resolver import AvatarResolver, CachedModelResolver
@@ -53,6 +57,8 @@ __all__ = [
     "APIConnectionError",
     "APIError",
     "APIStatusError",
+    "AgentGenerationFailedError",
+    "AgentNotReadyError",
     "AuthenticationError",
     "AvatarHubError",
     "AvatarNotFoundError",
@@ -64,6 +70,7 @@ __all__ = [
     "CachedModelResolver",
     "CloudOnlyError",
     "ConfigurationError",
+    "GestureTrigger",
     "DemoRuntime",
     "IntegrityError",
     "InvalidAvatarIdError",
@@ -81,6 +88,7 @@ __all__ = [
     "VideoControl",
     "VideoPublishOptions",
     "__version__",
+    "create_runtime",
     "prefetch",
 ]
 

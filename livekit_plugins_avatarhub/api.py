@@ -21,6 +21,7 @@ import httpx
 
 from .exceptions import (
     AgentGenerationFailedError,
+    AgentNotReadyError,
     APIConnectionError,
     APIStatusError,
     AuthenticationError,
@@ -377,7 +378,7 @@ class BithumanAPI:
                 reason = status.get("error_message") or "no reason given"
                 raise AgentGenerationFailedError(f"agent {agent_id} failed to build: {reason}")
             if loop.time() + interval > deadline:
-                raise TimeoutError(
+                raise AgentNotReadyError(
                     f"agent {agent_id} was not ready after {timeout:.0f}s (last status {state!r})"
                 )
             await asyncio.sleep(interval)

@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .exceptions import AvatarHubError
 
@@ -145,6 +146,34 @@ def build_parser() -> argparse.ArgumentParser:
     _api_options(p)
     p.set_defaults(func=cmd_render)
 
+    agents = sub.add_parser("agents", help="list, inspect and generate bitHuman agents")
+    agents_sub = agents.add_subparsers(dest="agents_command", required=True, metavar="ACTION")
+    p = agents_sub.add_parser("ls", help="every agent of the account")
+    p.add_argument("--status", help="only agents in this state (e.g. ready)")
+    _api_options(p)
+    p.set_defaults(func=cmd_agents_ls)
+    p = agents_sub.add_parser("status", help="build status of an agent")
+    p.add_argument("agent_id")
+    _api_options(p)
+    p.set_defaults(func=cmd_agents_status)
+    p = agents_sub.add_parser("generate", help="create an agent from a prompt, image or audio")
+    p.add_argument("--prompt")
+    p.add_argument("--image", help="portrait image URL")
+    p.add_argument("--audio", help="voice sample URL")
+    p.add_argument("--aspect-ratio", choices=["16:9", "9:16", "1:1"])
+    p.add_argument("--framing", choices=["portrait", "full_body"])
+    p.add_argument("--model", help="essence-1, essence-2 or expression-2")
+    p.add_argument("--idempotency-key", help="reuse to retry safely (default: a fresh one)")
+    p.add_argument("--wait", action="store_true", help="poll until ready, with progress")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait (with --wait)")
+    _api_options(p)
+    p.set_defaults(func=cmd_agents_generate)
+
+    p = sub.add_parser("gestures", help="the gesture actions an agent can perform")
+    p.add_argument("agent_id", help="agent code, or 'demo'")
+    _api_options(p)
+    p.set_defaults(func=cmd_gestures)
+
     return parser
 
 
@@ -170,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .render import SAMPLE_AUDIO, load_runtime, render
+    from .local_runtime import create_runtime
+    from .render import SAMPLE_AUDIO, render
 
     audio = Path(args.audio) if args.audio else SAMPLE_AUDIO
     width, height = _parse_size(args.size)
@@ -178,8 +208,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     async def run() -> int:
         from tqdm import tqdm
 
-        runtime = await load_runtime(args.avatar, api_secret=args.api_secret, model=args.model,
-                                     output_size=(width, height))
+        runtime = await create_runtime(args.avatar, api_secret=args.api_secret, model=args.model,
+                                       output_size=(width, height), realtime=False)
         bar = tqdm(desc="rendering", unit="frame", disable=None)
 
         def on_frame(done: int, total: int) -> None:
@@ -207,3 +237,93 @@ def _parse_size(text: str) -> tuple[int, int]:
     if width < 64 or height < 64 or width % 2 or height % 2:
         raise SystemExit("error: --size needs even numbers of at least 64")
     return width, height
+
+
+# -- agents and gestures -----------------------------------------------------------------------
+
+
+def _api(args: argparse.Namespace) -> Any:
+    from .api import BithumanAPI
+
+    return BithumanAPI(api_secret=args.api_secret, api_base=args.api_base)
+
+
+def cmd_agents_ls(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _api(args) as api:
+            agents = await api.list_agents(status=args.status)
+        print(f"{'CODE':<12} {'STATUS':<11} {'MODEL':<13} NAME")
+        for a in agents:
+            print(f"{a.get('code') or a.get('agent_id', '?'):<12} {a.get('status', '?'):<11} "
+                  f"{a.get('model') or '?':<13} {a.get('name') or ''}")
+        print(f"{len(agents)} agents")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_agents_status(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _api(args) as api:
+            status = await api.agent_status(args.agent_id)
+        progress = status.get("progress")
+        pct = f" {float(progress) * 100:.0f}%" if isinstance(progress, (int, float)) else ""
+        print(f"{args.agent_id}: {status.get('status', '?')}{pct} {status.get('progress_msg') or ''}".rstrip())
+        if status.get("error_message"):
+            print(f"error: {status['error_message']}")
+        return 1 if str(status.get("status")).lower() == "failed" else 0
+
+    return asyncio.run(run())
+
+
+def cmd_agents_generate(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _api(args) as api:
+            started = await api.generate_agent(
+                prompt=args.prompt, image=args.image, audio=args.audio,
+                aspect_ratio=args.aspect_ratio, framing=args.framing, model=args.model,
+                idempotency_key=args.idempotency_key,
+            )
+            agent_id = str(started["agent_id"])
+            print(f"{agent_id}: {started.get('status', 'processing')}")
+            if not args.wait:
+                return 0
+            from tqdm import tqdm
+
+            bar = tqdm(total=100, desc=agent_id, unit="%", disable=None)
+
+            def on_progress(fraction: float, message: str) -> None:
+                bar.set_postfix_str(message[:40])
+                bar.update(max(0, round(fraction * 100) - bar.n))
+
+            try:
+                await api.wait_until_ready(agent_id, timeout=args.timeout, on_progress=on_progress)
+            finally:
+                bar.close()
+            print(f"{agent_id}: ready")
+            return 0
+
+    return asyncio.run(run())
+
+
+def cmd_gestures(args: argparse.Namespace) -> int:
+    from .settings import DEMO_AVATAR_ID
+
+    if args.agent_id == DEMO_AVATAR_ID:
+        from .demo import DemoRuntime
+
+        for action in DemoRuntime.ACTIONS:
+            print(action)
+        return 0
+
+    async def run() -> int:
+        async with _api(args) as api:
+            gestures = await api.gestures(args.agent_id)
+        if not gestures:
+            print(f"{args.agent_id} has no gestures", file=sys.stderr)
+            return 1
+        for action, url in sorted(gestures.items()):
+            print(f"{action}\t{url}")
+        return 0
+
+    return asyncio.run(run())

@@ -13,6 +13,8 @@ Several also subclass a builtin so that generic handlers keep working::
     ├── CacheError (OSError)                   the cache directory cannot be written (disk full, read-only)
     ├── LockTimeoutError (TimeoutError)        another process held the download lock too long
     ├── IntegrityError                         downloaded bytes do not match size / sha256
+    ├── AgentGenerationFailedError             an agent build ended in ``failed``
+    ├── AgentNotReadyError (TimeoutError)      an agent was still building when the wait ended
     └── APIError                               talking to the bitHuman REST API failed
         ├── APIConnectionError (ConnectionError)
         └── APIStatusError                     the API answered with an error status
@@ -32,6 +34,7 @@ __all__ = [
     "APIError",
     "APIStatusError",
     "AgentGenerationFailedError",
+    "AgentNotReadyError",
     "AuthenticationError",
     "AvatarHubError",
     "AvatarNotFoundError",
@@ -161,5 +164,9 @@ class ServiceUnavailableError(APIStatusError):
     """The bitHuman API failed on its side (5xx)."""
 
 
-class AgentGenerationFailedError(APIError):
+class AgentGenerationFailedError(AvatarHubError):
     """An agent build ended in the ``failed`` state."""
+
+
+class AgentNotReadyError(AvatarHubError, TimeoutError):
+    """An agent was still being built when the wait timed out."""

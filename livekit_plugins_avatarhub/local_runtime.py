@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ async def load_bithuman_runtime(
     secrets = (api_secret, api_token)
     try:
         runtime: AvatarRuntime = await cls.create(**kwargs)
-    except _compat.model_missing_errors() as err:
+    except _compat.model_missing_errors():
         raise ModelFileError(f"model file {model_path} was not found by the runtime") from None
     except _compat.bithuman_errors() as err:
         name = type(err).__name__
@@ -78,3 +79,42 @@ async def load_bithuman_runtime(
             f"network access to bitHuman to authorise the secret"
         ) from None
     return runtime
+
+
+async def create_runtime(
+    avatar: str | None = None,
+    *,
+    model_path: str | os.PathLike[str] | None = None,
+    api_secret: str | None = None,
+    api_token: str | None = None,
+    model: str | None = None,
+    output_size: tuple[int, int] = (1280, 720),
+    realtime: bool = True,
+) -> AvatarRuntime:
+    """A runtime for ``avatar`` (``"demo"``, an agent code, or a model path) or ``model_path``.
+
+    Agent codes are resolved through ``ModelHub``. Use it to build a runtime once per worker
+    process and hand it to ``AvatarSession(runtime=...)`` for every job. ``realtime=False``
+    lets the demo avatar render faster than real time (offline rendering).
+    """
+    from .settings import AVATAR_ID_PATTERN, DEMO_AVATAR_ID, env_or
+
+    if (avatar is None) == (model_path is None):
+        from .exceptions import ConfigurationError
+
+        raise ConfigurationError("pass an avatar ('demo', an agent code or a path) or model_path=")
+    if avatar == DEMO_AVATAR_ID:
+        from .demo import DemoRuntime
+
+        return await DemoRuntime.create(output_size=output_size, realtime=realtime)
+    secret = env_or(api_secret, "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY")
+    if avatar is not None and AVATAR_ID_PATTERN.match(avatar):
+        from .hub import ModelHub
+
+        path = await ModelHub(api_secret=secret).resolve(avatar, model=model)
+    else:
+        path = await asyncio.to_thread(check_model_file, model_path or avatar or "")
+    return await load_bithuman_runtime(
+        path, api_secret=secret, api_token=env_or(api_token, "BITHUMAN_API_TOKEN"),
+        api_url=env_or(None, "BITHUMAN_API_URL"), output_size=output_size,
+    )

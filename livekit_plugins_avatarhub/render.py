@@ -21,7 +21,6 @@ from livekit.agents.voice.avatar import AudioSegmentEnd
 from .exceptions import ConfigurationError, ModelFileError
 from .generator import RuntimeVideoGenerator
 from .runtime import AvatarRuntime
-from .settings import DEMO_AVATAR_ID, env_or
 
 SAMPLE_AUDIO = Path(__file__).with_name("assets") / "hello.wav"
 _PUSH_MS = 20
@@ -56,29 +55,6 @@ def decode_audio(path: Path, sample_rate: int) -> Iterator[np.ndarray]:
                 yield out.to_ndarray().reshape(-1)
         for out in resampler.resample(None):
             yield out.to_ndarray().reshape(-1)
-
-
-async def load_runtime(
-    avatar: str, *, api_secret: str | None = None, model: str | None = None,
-    output_size: tuple[int, int] = (1280, 720),
-) -> AvatarRuntime:
-    """``demo``, a bitHuman agent code (resolved through the hub), or a model file path."""
-    if avatar == DEMO_AVATAR_ID:
-        from .demo import DemoRuntime
-
-        return await DemoRuntime.create(output_size=output_size, realtime=False)
-    from .local_runtime import check_model_file, load_bithuman_runtime
-    from .settings import AVATAR_ID_PATTERN
-
-    secret = env_or(api_secret, "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY")
-    if AVATAR_ID_PATTERN.match(avatar):
-        from .hub import ModelHub
-
-        path = await ModelHub(api_secret=secret).resolve(avatar, model=model)
-    else:
-        path = await asyncio.to_thread(check_model_file, avatar)
-    return await load_bithuman_runtime(path, api_secret=secret, api_token=env_or(None, "BITHUMAN_API_TOKEN"),
-                                       api_url=None, output_size=output_size)
 
 
 async def render(

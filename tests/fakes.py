@@ -198,3 +198,27 @@ async def sine_frames(seconds: float, *, sample_rate: int = 16000, freq: float =
         part = pcm[start : start + n]
         yield rtc.AudioFrame(part.tobytes(), sample_rate, 1, len(part))
         await asyncio.sleep(0)
+
+
+# --- a job without a LiveKit server -----------------------------------------------------------
+
+
+class FakeJobProcess:
+    def __init__(self) -> None:
+        self.userdata: dict[str, Any] = {}
+
+
+class FakeJobContext:
+    """What the examples use of ``JobContext``: a room, the process, connect()."""
+
+    def __init__(self, room: FakeRoom | None = None, proc: FakeJobProcess | None = None) -> None:
+        self.room = room or FakeRoom()
+        self.proc = proc or FakeJobProcess()
+        self.shutdown_callbacks: list[Any] = []
+        self.connected = False
+
+    async def connect(self, *args: Any, **kwargs: Any) -> None:
+        self.connected = True
+
+    def add_shutdown_callback(self, callback: Any) -> None:
+        self.shutdown_callbacks.append(callback)

@@ -96,3 +96,43 @@ def test_module_help_lists_the_commands():
                          capture_output=True, text=True, timeout=120).stdout
     for command in ("pull", "ls", "rm", "prune"):
         assert command in out
+
+
+def test_agents_commands(service, capsys, monkeypatch):
+    service.add_agent(CODE, name="Ava", model="essence-2", supported_models=["essence-2"])
+    assert main(["agents", "ls"]) == 0
+    out = capsys.readouterr().out
+    assert CODE in out and "Ava" in out and "essence-2" in out and "1 agents" in out
+
+    service.status_script["A000000000"] = [
+        {"status": "processing", "progress": 0.5, "progress_msg": "rendering"},
+        {"status": "ready", "progress": 1.0},
+    ]
+    from livekit_plugins_avatarhub import api
+
+    real_wait = api.BithumanAPI.wait_until_ready
+
+    async def quick_wait(self, agent_id, **kwargs):
+        kwargs["interval"] = 0.01
+        return await real_wait(self, agent_id, **kwargs)
+
+    monkeypatch.setattr(api.BithumanAPI, "wait_until_ready", quick_wait)
+    assert main(["agents", "generate", "--prompt", "a calm narrator", "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "A000000000: processing" in out and "A000000000: ready" in out
+    assert service.generated[0]["body"] == {"prompt": "a calm narrator"}
+
+    assert main(["agents", "status", "A000000000"]) == 0
+    assert "A000000000: ready 100%" in capsys.readouterr().out
+    service.status_script["A000000001"] = [{"status": "failed", "error_message": "bad image"}]
+    assert main(["agents", "status", "A000000001"]) == 1
+    assert "bad image" in capsys.readouterr().out
+
+
+def test_gestures_command(service, capsys):
+    service.add_agent(CODE, gestures={"laugh_react": "https://v/l.mp4", "mini_wave_hello": "https://v/w.mp4"})
+    assert main(["gestures", CODE]) == 0
+    assert capsys.readouterr().out.splitlines() == ["laugh_react\thttps://v/l.mp4",
+                                                    "mini_wave_hello\thttps://v/w.mp4"]
+    assert main(["gestures", "demo"]) == 0
+    assert "wave" in capsys.readouterr().out.split()

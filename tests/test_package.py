@@ -21,6 +21,7 @@ PUBLIC = {
     "ModelFileError", "ModelNotDownloadableError", "ModelNotReadyError", "NotCachedError",
     "RateLimitedError", "RuntimeLoadError", "ServiceUnavailableError", "VideoControl",
     "VideoPublishOptions", "__version__", "BithumanAPI", "ModelHub", "RetryPolicy", "prefetch",
+    "GestureTrigger", "create_runtime", "AgentGenerationFailedError", "AgentNotReadyError",
 }
 
 

@@ -7,6 +7,8 @@ from livekit_plugins_avatarhub import (
     APIConnectionError,
     APIError,
     APIStatusError,
+    AgentGenerationFailedError,
+    AgentNotReadyError,
     AuthenticationError,
     AvatarHubError,
     AvatarNotFoundError,
@@ -19,6 +21,7 @@ from livekit_plugins_avatarhub import (
     CloudOnlyError,
     ConfigurationError,
     DEMO_AVATAR_ID,
+    GestureTrigger,
     IntegrityError,
     InvalidAvatarIdError,
     LockTimeoutError,
@@ -34,6 +37,7 @@ from livekit_plugins_avatarhub import (
     ServiceUnavailableError,
     VideoPublishOptions,
     __version__,
+    create_runtime,
     prefetch,
 )
 from livekit_plugins_avatarhub import __all__ as __all__
