@@ -160,6 +160,11 @@ def bithuman_errors() -> tuple[type[BaseException], ...]:
     return (base,) if isinstance(base, type) else ()
 
 
+def runtime_accepts_output_size() -> bool:
+    """``output_size=`` arrived with bithuman 2.x; 0.8.1's create() rejects it."""
+    return BITHUMAN_VERSION >= (2,)
+
+
 def token_alone_accepted() -> bool:
     """bithuman 2.x refuses ``token=`` without a secret; 0.8.1 accepted a runtime token alone."""
     return BITHUMAN_VERSION < (2,)
@@ -170,10 +175,3 @@ async def maybe_await(value: Any) -> Any:
     if asyncio.iscoroutine(value):
         return await value
     return value
-
-
-def log_versions() -> None:
-    logger.debug(
-        "versions",
-        extra={"livekit_agents": LIVEKIT_AGENTS_VERSION, "bithuman": BITHUMAN_VERSION},
-    )

@@ -14,6 +14,7 @@ from .exceptions import (
     ModelFileError,
     RuntimeLoadError,
 )
+from .log import logger
 from .runtime import AvatarRuntime
 from .settings import scrub
 
@@ -54,7 +55,11 @@ async def load_bithuman_runtime(
     if api_url:
         kwargs["api_url"] = api_url
     if output_size is not None:
-        kwargs["output_size"] = output_size
+        if _compat.runtime_accepts_output_size():
+            kwargs["output_size"] = output_size
+        else:
+            logger.warning("bithuman %s renders at the model's own size; output_size is ignored",
+                           ".".join(map(str, _compat.BITHUMAN_VERSION)))
     secrets = (api_secret, api_token)
     try:
         runtime: AvatarRuntime = await cls.create(**kwargs)
@@ -72,11 +77,19 @@ async def load_bithuman_runtime(
         if "expression" in message.lower() and "cloud" in message.lower():
             hint = f"; {CLOUD_PLUGIN_HINT}"
         raise RuntimeLoadError(f"bitHuman runtime refused {model_path.name}: {name}: {message}{hint}") from None
+    except ValueError as err:
+        message = scrub(str(err), *secrets)
+        if "token or api_secret" in message:
+            raise MissingSecretError(
+                "the bitHuman runtime needs an API secret: pass api_secret= or set BITHUMAN_API_SECRET"
+            ) from None
+        raise RuntimeLoadError(f"bitHuman runtime refused {model_path.name}: {message}") from None
     except (RuntimeError, OSError) as err:
         message = scrub(str(err), *secrets)
+        network = any(w in message.lower() for w in ("curl", "resolve", "connect", "token", "network"))
+        hint = ". It needs network access to bitHuman to authorise the secret" if network else ""
         raise RuntimeLoadError(
-            f"bitHuman runtime could not start with {model_path.name}: {message}. It needs "
-            f"network access to bitHuman to authorise the secret"
+            f"bitHuman runtime could not start with {model_path.name}: {message}{hint}"
         ) from None
     return runtime
 
@@ -88,7 +101,7 @@ async def create_runtime(
     api_secret: str | None = None,
     api_token: str | None = None,
     model: str | None = None,
-    output_size: tuple[int, int] = (1280, 720),
+    output_size: tuple[int, int] | None = None,
     realtime: bool = True,
 ) -> AvatarRuntime:
     """A runtime for ``avatar`` (``"demo"``, an agent code, or a model path) or ``model_path``.
@@ -106,7 +119,7 @@ async def create_runtime(
     if avatar == DEMO_AVATAR_ID:
         from .demo import DemoRuntime
 
-        return await DemoRuntime.create(output_size=output_size, realtime=realtime)
+        return await DemoRuntime.create(output_size=output_size or (1280, 720), realtime=realtime)
     secret = env_or(api_secret, "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY")
     if avatar is not None and AVATAR_ID_PATTERN.match(avatar):
         from .hub import ModelHub

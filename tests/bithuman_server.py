@@ -38,11 +38,9 @@ class Agent:
 
 
 def model_bytes(seed: str, size: int) -> bytes:
-    from fakes import FAKE_MODEL_MAGIC
+    from fakes import fake_model_bytes
 
-    block = hashlib.sha256(seed.encode()).digest() * 64
-    body = FAKE_MODEL_MAGIC + (block * (size // len(block) + 1))
-    return body[:size]
+    return fake_model_bytes(seed.encode(), size)
 
 
 class FakeBithumanService:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +25,36 @@ from livekit import rtc
 from livekit_plugins_avatarhub.runtime import FrameState, PacedRuntime
 
 FAKE_MODEL_MAGIC = b"IMX\x00fake-model"
+# bithuman 0.8.1 predates the exception classes (BithumanError, ModelNotFoundError, ...)
+LEGACY_BITHUMAN = not hasattr(bithuman, "BithumanError")
 
 
-def write_fake_model(path: os.PathLike[str] | str, seed: bytes = b"", size: int = 4096) -> str:
-    data = FAKE_MODEL_MAGIC + hashlib.sha256(seed).digest()
-    data += bytes(max(0, size - len(data)))
+def _native_size(path: str) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(len(FAKE_MODEL_MAGIC) + 4)
+    if len(head) < len(FAKE_MODEL_MAGIC) + 4:
+        return (1280, 720)
+    width, height = struct.unpack("<HH", head[len(FAKE_MODEL_MAGIC):])
+    return width, height
+
+
+def _has_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(FAKE_MODEL_MAGIC)) == FAKE_MODEL_MAGIC
+
+
+def fake_model_bytes(seed: bytes = b"", size: int = 4096,
+                     frame_size: tuple[int, int] = (160, 120)) -> bytes:
+    """Bytes the double accepts as a model; like an .imx they carry their own frame size."""
+    head = FAKE_MODEL_MAGIC + struct.pack("<HH", *frame_size)
+    block = hashlib.sha256(seed).digest() * 64
+    body = head + block * (max(0, size - len(head)) // len(block) + 1)
+    return body[: max(size, len(head))]
+
+
+def write_fake_model(path: os.PathLike[str] | str, seed: bytes = b"", size: int = 4096,
+                     frame_size: tuple[int, int] = (160, 120)) -> str:
+    data = fake_model_bytes(seed, size, frame_size)
     with open(path, "wb") as f:
         f.write(data)
     return os.fspath(path)
@@ -40,7 +66,7 @@ def model_colour(path: str) -> tuple[int, int, int]:
 
 
 class FakeBithuman(PacedRuntime):
-    """Same interface and failure order as ``bithuman.AsyncBithuman`` (2.x)."""
+    """Same interface and failure order as the installed ``bithuman.AsyncBithuman`` (0.8.1 or 2.x)."""
 
     #: set False to simulate an offline machine: auth fails as in the real SDK (RuntimeError)
     auth_reachable = True
@@ -57,7 +83,14 @@ class FakeBithuman(PacedRuntime):
         self.token_initialisations = 0
 
     @classmethod
-    async def create(
+    async def create(cls, **kwargs: Any) -> FakeBithuman:
+        """``AsyncBithuman.create`` as the installed bithuman version behaves."""
+        if LEGACY_BITHUMAN:
+            return await cls._create_0_8(**kwargs)
+        return await cls._create_2_x(**kwargs)
+
+    @classmethod
+    async def _create_2_x(
         cls,
         *,
         model_path: str | None = None,
@@ -70,8 +103,8 @@ class FakeBithuman(PacedRuntime):
         num_threads: int = 0,
         output_size: tuple[int, int] = (1280, 720),
         agent_code: str | None = None,
-        **kwargs: Any,
     ) -> FakeBithuman:
+        # 2.x order: model_path, the file, the secret (token alone refused), auth, model load
         if not model_path:
             raise ValueError("model_path is required")
         if not os.path.exists(model_path):
@@ -81,12 +114,45 @@ class FakeBithuman(PacedRuntime):
             raise bithuman.BithumanError("api_secret is required (token= alone is not accepted)")
         if not cls.auth_reachable:
             raise RuntimeError("curl: (6) Could not resolve host: auth.api.bithuman.ai")
-        with open(model_path, "rb") as f:
-            if f.read(len(FAKE_MODEL_MAGIC)) != FAKE_MODEL_MAGIC:
-                raise bithuman.ModelLoadError(f"Failed to load model: {model_path} is not an IMX model")
+        if not _has_magic(model_path):
+            raise bithuman.ModelLoadError(f"Failed to load model: {model_path} is not an IMX model")
+        return cls._made(model_path, output_size, api_secret=api_secret, token=token,
+                         api_url=api_url)
+
+    @classmethod
+    async def _create_0_8(
+        cls,
+        *,
+        model_path: str | None = None,
+        token: str | None = None,
+        api_secret: str | None = None,
+        api_url: str = "https://auth.api.bithuman.ai/v1/runtime-tokens/request",
+        tags: str | None = "bithuman",
+        insecure: bool = True,
+        input_buffer_size: int = 0,
+        output_buffer_size: int = 5,
+        num_threads: int = 0,
+        verbose: bool | None = None,
+    ) -> FakeBithuman:
+        # 0.8.1 order: credentials (a token alone is fine), auth, then the model file
+        if not token and not api_secret:
+            raise ValueError("Either token or api_secret must be provided")
+        if not cls.auth_reachable:
+            raise RuntimeError("curl: (6) Could not resolve host: auth.api.bithuman.ai")
+        if not model_path:
+            raise ValueError("Model path cannot be empty")
+        if not os.path.exists(model_path):
+            raise FileNotFoundError(f"Model path {model_path} does not exist")
+        if not _has_magic(model_path):
+            raise RuntimeError(f"Failed to load model data from {model_path}")
+        # 0.8.1 has no output_size: it renders at the model's own size
+        return cls._made(model_path, _native_size(model_path), api_secret=api_secret, token=token,
+                         api_url=api_url)
+
+    @classmethod
+    def _made(cls, model_path: str, output_size: tuple[int, int], **kwargs: Any) -> FakeBithuman:
         runtime = cls(model_path, output_size)
-        runtime.create_kwargs = {"api_secret": api_secret, "token": token, "api_url": api_url,
-                                 "output_size": output_size, **kwargs}
+        runtime.create_kwargs = {**kwargs, "output_size": output_size}
         cls.created.append(runtime)
         return runtime
 

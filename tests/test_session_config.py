@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from conftest import SECRET
-from fakes import FakeRoom, write_fake_model
+from fakes import LEGACY_BITHUMAN, FakeRoom, write_fake_model
 from livekit_plugins_avatarhub import (
     AvatarHubError,
     AvatarSession,
@@ -42,9 +42,23 @@ def test_missing_secret_names_the_variable(model_file):
         AvatarSession(model_path=model_file)
 
 
+@pytest.mark.skipif(LEGACY_BITHUMAN, reason="bithuman 0.8.1 accepts a runtime token without a secret")
 def test_token_alone_is_refused_with_bithuman_2(model_file):
     with pytest.raises(MissingSecretError, match="api_token alone"):
         AvatarSession(model_path=model_file, api_token="tok-123456")
+
+
+@pytest.mark.skipif(not LEGACY_BITHUMAN, reason="bithuman 2.x refuses a token without a secret")
+async def test_token_alone_is_enough_with_bithuman_0_8(model_file, fake_bithuman):
+    session = AvatarSession(model_path=model_file, api_token="tok-123456")
+    room = FakeRoom()
+    from livekit.agents import AgentSession
+
+    await session.start(AgentSession(), room=room)
+    try:
+        assert session.runtime.create_kwargs["token"] == "tok-123456"
+    finally:
+        await session.aclose()
 
 
 def test_avatar_image_is_cloud_only():
@@ -116,7 +130,7 @@ async def test_directory_as_model_file(tmp_path, fake_bithuman):
 async def test_corrupt_model_is_a_runtime_load_error(tmp_path, fake_bithuman):
     bad = tmp_path / "bad.imx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(RuntimeLoadError, match="bad.imx.*ModelLoadError"):
+    with pytest.raises(RuntimeLoadError, match="refused bad.imx|could not start with bad.imx"):
         await start(AvatarSession(model_path=str(bad), api_secret=SECRET))
 
 

@@ -16,7 +16,7 @@ from livekit import rtc
 from livekit.agents import Agent, AgentSession
 
 from conftest import SECRET
-from fakes import FakeRoom, sine_frames
+from fakes import FakeRoom, sine_frames, write_fake_model
 from livekit_plugins_avatarhub import AvatarSession, VideoPublishOptions
 
 
@@ -70,7 +70,8 @@ async def running(avatar: AvatarSession):
         await session.aclose()
 
 
-async def test_speech_renders_video_and_audio_at_runtime_rate(model_file, fake_bithuman):
+async def test_speech_renders_video_and_audio_at_runtime_rate(tmp_path, fake_bithuman):
+    model_file = write_fake_model(tmp_path / "m.imx", frame_size=(320, 240))
     avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(320, 240))
     async with running(avatar) as (session, room, capture):
         handle = session.say("hello", audio=sine_frames(1.2))
@@ -159,8 +160,7 @@ def test_publish_options_reject_nonsense():
 
 
 async def test_prewarmed_runtime_is_reused_across_jobs_and_not_freed(model_file, fake_bithuman):
-    runtime = await fake_bithuman.create(model_path=model_file, api_secret=SECRET,
-                                         output_size=(160, 120))
+    runtime = await fake_bithuman.create(model_path=model_file, api_secret=SECRET)
     for job in range(2):
         avatar = AvatarSession(runtime=runtime, api_secret=SECRET)
         async with running(avatar) as (session, room, capture):
