@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from livekit import rtc
 from livekit.agents import (
@@ -29,6 +29,7 @@ from .exceptions import (
 from .generator import RuntimeVideoGenerator
 from .local_runtime import check_model_file, load_bithuman_runtime
 from .log import logger
+from .api import RetryPolicy
 from .publish import PublishingRoom, VideoPublishOptions
 from .resolver import AvatarResolver
 from .runtime import AvatarRuntime
@@ -52,6 +53,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
     * ``video_options``: codec, layers, frame-rate cap and bitrate of the video track
       (default H.264, one layer, at the avatar's frame rate).
     * ``output_size``: the rendered resolution, ``(width, height)``.
+    * ``mode="participant"`` with ``service_url`` / ``service_key``: render in the avatar
+      service instead, as a separate participant (like bitHuman's cloud).
     """
 
     def __init__(
@@ -71,8 +74,16 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         resolver: NotGivenOr[AvatarResolver] = NOT_GIVEN,
         video_options: VideoPublishOptions | None = None,
         output_size: NotGivenOr[tuple[int, int]] = NOT_GIVEN,
+        mode: Literal["local", "participant"] = "local",
+        service_url: NotGivenOr[str] = NOT_GIVEN,
+        service_key: NotGivenOr[str] = NOT_GIVEN,
     ) -> None:
         super().__init__()
+        if mode not in ("local", "participant"):
+            raise ConfigurationError("mode must be 'local' or 'participant'")
+        self._mode = mode
+        self._service_url = env_or(service_url, "AVATARHUB_SERVICE_URL")
+        self._service_key = env_or(service_key, "AVATARHUB_SERVICE_KEY")
         if utils.is_given(avatar_image) and avatar_image is not None:
             raise CloudOnlyError(
                 "avatar_image= starts a cloud photo session (Expression 1), which has no local "
@@ -94,13 +105,25 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         self._runtime: AvatarRuntime | None = given_runtime
         self._owns_runtime = given_runtime is None
         self._avatar_id, self._model_path = self._choose_source(avatar_id, model_path)
-        if given_runtime is None and self._avatar_id != DEMO_AVATAR_ID:
+        if mode == "participant":
+            if not self._service_url:
+                raise ConfigurationError(
+                    "mode='participant' needs the avatar service: pass service_url= or set "
+                    "AVATARHUB_SERVICE_URL (run one with `python -m livekit_plugins_avatarhub serve`)"
+                )
+            if self._model_path or given_runtime is not None:
+                raise ConfigurationError(
+                    "mode='participant' renders in the avatar service: pass avatar_id=, not "
+                    "model_path= or runtime="
+                )
+        elif given_runtime is None and self._avatar_id != DEMO_AVATAR_ID:
             self._require_secret()
 
         self._resolver = resolver if utils.is_given(resolver) else None
         self._runner: AvatarRunner | None = None
         self._generator: RuntimeVideoGenerator | None = None
         self._holds = contextlib.ExitStack()
+        self._room_name: str | None = None
         self._started = False
         self._closed = False
 
@@ -154,6 +177,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
 
     @property
     def avatar_identity(self) -> str:
+        if self._mode == "participant":
+            return self._participant_identity
         # rendered in this process: the agent's own participant publishes the avatar
         room = getattr(self, "_room", None)
         if room is not None:
@@ -196,6 +221,10 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         if self._started:
             raise AvatarHubError("this AvatarSession was already started; create one per job")
         self._started = True
+        if self._mode == "participant":
+            await self._start_participant(agent_session, room, livekit_url, livekit_api_key,
+                                          livekit_api_secret)
+            return
         try:
             runtime = await self._load_runtime()
             generator = await RuntimeVideoGenerator.create(runtime)
@@ -228,6 +257,35 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
             extra={"avatar": self._avatar_id or Path(self._model_path or "").name,
                    "size": f"{width}x{height}", "fps": generator.video_fps},
         )
+
+    async def _start_participant(
+        self, agent_session: AgentSession, room: rtc.Room, url: Any, key: Any, secret: Any
+    ) -> None:
+        from . import participant
+
+        lk_url, lk_key, lk_secret = participant.livekit_credentials(
+            url if utils.is_given(url) else None, key if utils.is_given(key) else None,
+            secret if utils.is_given(secret) else None,
+        )
+        token = participant.avatar_token(
+            api_key=lk_key, api_secret=lk_secret, room=room.name,
+            identity=self._participant_identity, name=self._participant_name,
+            on_behalf_of=room.local_participant.identity,
+        )
+        assert self._service_url is not None and self._avatar_id is not None
+        options = self._conn_options
+        await participant.launch_avatar(
+            service_url=self._service_url, service_key=self._service_key,
+            agent_id=self._avatar_id, model=self._model, livekit_url=lk_url,
+            livekit_token=token, room_name=room.name,
+            retry=RetryPolicy(attempts=max(1, options.max_retry + 1),
+                              base_delay=max(0.1, options.retry_interval)),
+        )
+        await super().start(agent_session, room)
+        participant.route_audio_to(agent_session, room, self._participant_identity)
+        self._room_name = room.name
+        logger.info("avatar %s launched in the avatar service as %s", self._avatar_id,
+                    self._participant_identity)
 
     async def _load_runtime(self) -> AvatarRuntime:
         if self._runtime is not None:  # prewarmed: new transaction for this job
@@ -265,7 +323,6 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         return await asyncio.to_thread(check_model_file, path)
 
     def _default_resolver(self) -> AvatarResolver:
-        from .api import RetryPolicy
         from .hub import ModelHub
 
         options = self._conn_options
@@ -291,6 +348,14 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         if self._closed:
             return
         self._closed = True
+        if self._mode == "participant":
+            if self._started and self._room_name and self._service_url and self._avatar_id:
+                from . import participant
+
+                await participant.leave(service_url=self._service_url, service_key=self._service_key,
+                                        agent_id=self._avatar_id, room_name=self._room_name)
+            await super().aclose()  # removes the avatar participant (livekit-agents 1.5.13+)
+            return
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.aclose()

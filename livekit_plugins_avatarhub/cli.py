@@ -174,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     _api_options(p)
     p.set_defaults(func=cmd_gestures)
 
+    p = sub.add_parser("serve", help="run the self-hosted avatar service (needs the 'service' extra)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8089)
+    p.add_argument("--max-workers", type=int, default=4, help="avatars rendering at once")
+    p.add_argument("--key", help="the key clients must send (default: AVATARHUB_SERVICE_KEY)")
+    p.add_argument("--api-secret", help="bitHuman secret for model downloads (default: BITHUMAN_API_SECRET)")
+    p.set_defaults(func=cmd_serve)
+
     return parser
 
 
@@ -327,3 +335,22 @@ def cmd_gestures(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .service.app import serve
+    except ImportError as err:
+        raise SystemExit(f"error: {err}; install the service extra: "
+                         "pip install 'livekit-plugins-avatarhub[service]'") from None
+    key = args.key or os.environ.get("AVATARHUB_SERVICE_KEY")
+    if not key:
+        raise SystemExit("error: set AVATARHUB_SERVICE_KEY (or --key): clients must authenticate")
+    if args.max_workers < 1:
+        raise SystemExit("error: --max-workers must be at least 1")
+    secret = args.api_secret or os.environ.get("BITHUMAN_API_SECRET")
+    asyncio.run(serve(host=args.host, port=args.port, key=key, api_secret=secret,
+                      max_workers=args.max_workers))
+    return 0

@@ -221,6 +221,22 @@ class FakeLocalParticipant:
     def unregister_rpc_method(self, method: str) -> None:
         self.rpc_methods.pop(method, None)
 
+    @property
+    def _rpc_handlers(self) -> dict[str, Any]:  # read by DataStreamAudioReceiver
+        return self.rpc_methods
+
+    async def perform_rpc(self, *, destination_identity: str, method: str, payload: str,
+                          response_timeout: float | None = None) -> str:
+        self.room.rpc_calls.append((destination_identity, method, payload))
+        return ""
+
+    async def invoke(self, method: str, payload: str, caller: str = "agent-1") -> Any:
+        """Deliver an RPC from ``caller`` to a handler registered here."""
+        handler = self.rpc_methods[method]
+        result = handler(rtc.RpcInvocationData(request_id="req", caller_identity=caller,
+                                               payload=payload, response_timeout=5.0))
+        return await result if asyncio.iscoroutine(result) else result
+
     async def publish_track(self, track: Any, options: Any = None) -> FakePublication:
         pub = FakePublication(track, options, f"TR_{len(self.track_publications)}")
         self.track_publications[pub.sid] = pub
@@ -234,15 +250,82 @@ class FakeLocalParticipant:
         return None
 
 
+@dataclass
+class FakeRemoteParticipant:
+    identity: str
+    kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    attributes: dict[str, str] = field(default_factory=dict)
+    track_publications: dict[str, Any] = field(default_factory=dict)
+    state: int = rtc.ParticipantState.PARTICIPANT_STATE_ACTIVE
+
+
+@dataclass
+class _StreamInfo:
+    stream_id: str
+    topic: str
+    attributes: dict[str, str]
+
+
+class FakeByteStreamReader:
+    """Enough of rtc.ByteStreamReader for LiveKit's DataStreamAudioReceiver."""
+
+    def __init__(self, topic: str, attributes: dict[str, str], chunks: list[bytes]) -> None:
+        self.info = _StreamInfo(f"stream-{id(self)}", topic, attributes)
+        self._chunks = list(chunks)
+
+    def __aiter__(self) -> FakeByteStreamReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._chunks:
+            raise StopAsyncIteration
+        await asyncio.sleep(0)
+        return self._chunks.pop(0)
+
+
 class FakeRoom(rtc.EventEmitter[str]):
     def __init__(self, name: str = "test-room") -> None:
         super().__init__()
         self.name = name
         self.remote_participants: dict[str, Any] = {}
         self.local_participant = FakeLocalParticipant(self)
+        self.byte_stream_handlers: dict[str, Any] = {}
+        self.rpc_calls: list[tuple[str, str, str]] = []
+        self.connected_with: tuple[str, str] | None = None
+        self._connected = True
 
     def isconnected(self) -> bool:
-        return True
+        return self._connected
+
+    async def connect(self, url: str, token: str, *args: Any, **kwargs: Any) -> None:
+        self.connected_with = (url, token)
+        self._connected = True
+
+    async def disconnect(self) -> None:
+        if self._connected:
+            self._connected = False
+            self.emit("disconnected", "CLIENT_INITIATED")
+
+    def register_byte_stream_handler(self, topic: str, handler: Any) -> None:
+        self.byte_stream_handlers[topic] = handler
+
+    def unregister_byte_stream_handler(self, topic: str) -> None:
+        self.byte_stream_handlers.pop(topic, None)
+
+    def join(self, identity: str, kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT) -> FakeRemoteParticipant:
+        participant = FakeRemoteParticipant(identity, kind)
+        self.remote_participants[identity] = participant
+        self.emit("participant_connected", participant)
+        self.emit("participant_active", participant)  # what livekit-agents 1.8 waits for
+        return participant
+
+    def send_audio_stream(self, sender: str, pcm: bytes, sample_rate: int = 16000,
+                          chunk_bytes: int = 3200) -> None:
+        """What DataStreamAudioOutput sends: one byte stream per speech segment."""
+        chunks = [pcm[i : i + chunk_bytes] for i in range(0, len(pcm), chunk_bytes)]
+        reader = FakeByteStreamReader("lk.audio_stream",
+                                      {"sample_rate": str(sample_rate), "num_channels": "1"}, chunks)
+        self.byte_stream_handlers["lk.audio_stream"](reader, sender)
 
     async def wait_published(self, kind: Any, timeout: float = 10.0) -> FakePublication:
         async def poll() -> FakePublication:

@@ -1,0 +1,116 @@
+"""``AvatarSession(mode="participant")``: the avatar runs in an avatar service, not here.
+
+The session mints a LiveKit token for the avatar participant, asks the service to launch it
+(the request shape of LiveKit's bithuman plugin in cloud mode), and streams the agent's speech
+to it over LiveKit's DataStream avatar protocol. The avatar then is a separate participant, as
+with bitHuman's cloud: ``wait_for_join()`` and RPCs to it behave the same. Unlike that plugin,
+no bitHuman secret goes into the participant's attributes: the service holds its own.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from livekit import rtc
+
+from . import _compat
+from .api import RetryPolicy, status_error, with_retries
+from .exceptions import APIConnectionError, ConfigurationError
+from .log import logger
+
+if TYPE_CHECKING:
+    from livekit.agents import AgentSession
+
+
+def livekit_credentials(url: str | None, key: str | None, secret: str | None) -> tuple[str, str, str]:
+    url = url or os.environ.get("LIVEKIT_URL")
+    key = key or os.environ.get("LIVEKIT_API_KEY")
+    secret = secret or os.environ.get("LIVEKIT_API_SECRET")
+    missing = [name for name, v in (("LIVEKIT_URL", url), ("LIVEKIT_API_KEY", key),
+                                    ("LIVEKIT_API_SECRET", secret)) if not v]
+    if missing:
+        raise ConfigurationError(
+            f"mode='participant' mints a token for the avatar: set {', '.join(missing)} "
+            "(or pass livekit_url= / livekit_api_key= / livekit_api_secret= to start())"
+        )
+    assert url and key and secret
+    return url, key, secret
+
+
+def avatar_token(
+    *, api_key: str, api_secret: str, room: str, identity: str, name: str, on_behalf_of: str
+) -> str:
+    from livekit import api
+    from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+
+    return (
+        api.AccessToken(api_key=api_key, api_secret=api_secret)
+        .with_kind("agent")
+        .with_identity(identity)
+        .with_name(name)
+        .with_grants(api.VideoGrants(room_join=True, room=room))
+        .with_attributes({ATTRIBUTE_PUBLISH_ON_BEHALF: on_behalf_of})
+        .to_jwt()
+    )
+
+
+async def launch_avatar(
+    *,
+    service_url: str,
+    service_key: str | None,
+    agent_id: str,
+    model: str | None,
+    livekit_url: str,
+    livekit_token: str,
+    room_name: str,
+    retry: RetryPolicy,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """POST the launch request; retries transient failures, raises typed errors otherwise."""
+    body: dict[str, Any] = {"mode": "cpu", "agent_id": agent_id, "livekit_url": livekit_url,
+                            "livekit_token": livekit_token, "room_name": room_name}
+    if model:
+        body["model"] = model
+    headers = {"authorization": f"Bearer {service_key}"} if service_key else {}
+    url = service_url.rstrip("/") + "/v1/runtime-tokens/request"
+
+    async with httpx.AsyncClient(timeout=timeout) as client:
+
+        async def once() -> dict[str, Any]:
+            try:
+                response = await client.post(url, json=body, headers=headers)
+            except httpx.TransportError as err:
+                raise APIConnectionError(
+                    f"avatar service {service_url} unreachable ({type(err).__name__}); "
+                    "check service_url / AVATARHUB_SERVICE_URL"
+                ) from None
+            if response.status_code >= 400:
+                raise status_error(response, f"avatar service launch of {agent_id}")
+            data = response.json()
+            return data if isinstance(data, dict) else {}
+
+        return await with_retries(once, retry, f"launch of avatar {agent_id}")
+
+
+async def leave(*, service_url: str, service_key: str | None, agent_id: str, room_name: str) -> None:
+    """Best effort: tell the service the avatar can go (LiveKit also removes the participant)."""
+    headers = {"authorization": f"Bearer {service_key}"} if service_key else {}
+    url = service_url.rstrip("/") + f"/v1/agents/{agent_id}/leave-room"
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            await client.post(url, json={"room_name": room_name}, headers=headers)
+    except httpx.HTTPError as err:
+        logger.debug("leave-room on the avatar service failed: %s", type(err).__name__)
+
+
+def route_audio_to(agent_session: AgentSession, room: rtc.Room, identity: str) -> None:
+    from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+    try:  # wait_remote_track (1.1+): hold the audio until the avatar publishes video
+        sink = DataStreamAudioOutput(room, destination_identity=identity,
+                                     wait_remote_track=rtc.TrackKind.KIND_VIDEO)  # type: ignore[call-arg]
+    except TypeError:  # livekit-agents 1.0
+        sink = DataStreamAudioOutput(room, destination_identity=identity)
+    _compat.replace_audio_output(agent_session, sink)

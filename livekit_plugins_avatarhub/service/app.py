@@ -1,0 +1,237 @@
+"""The HTTP API (aiohttp): join-room / leave-room, the cloud launch request, and a worker list.
+
+Every route but ``/health`` needs the service key, as ``Authorization: Bearer <key>`` or
+``api-secret: <key>``. Errors use bitHuman's envelope:
+``{"success": false, "error": {"code", "message", "httpStatus"}, "status": "error", ...}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from typing import Any
+
+from aiohttp import web
+
+from ..exceptions import AvatarHubError
+from ..log import logger
+from ..settings import AVATAR_ID_PATTERN, DEMO_AVATAR_ID, is_cloud_only, model_family
+from .manager import CapacityError, WorkerManager
+from .tokens import token_identity, token_room
+
+MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
+RETRY_AFTER_SECONDS = 30
+_URL = re.compile(r"^(wss?|https?)://[^\s/]+", re.IGNORECASE)
+
+
+class _Invalid(Exception):
+    def __init__(self, message: str, status: int = 400, code: str = "VALIDATION_ERROR") -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"success": False, "error": {"code": code, "message": message, "httpStatus": status},
+            "status": "error", "status_code": status}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def create_app(manager: WorkerManager, *, key: str) -> web.Application:
+    if not key:
+        raise ValueError("the service needs a key (AVATARHUB_SERVICE_KEY or --key)")
+    expected = key.encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/health":
+            auth = request.headers.get("authorization", "")
+            given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("api-secret", "")
+            if not hmac.compare_digest(given.encode(), expected):
+                return _error(401, "UNAUTHORIZED", "missing or wrong service key")
+        try:
+            return await handler(request)
+        except _Invalid as err:
+            return _error(err.status, err.code, str(err))
+        except CapacityError as err:
+            return _error(503, "CAPACITY", f"{err}; try again later",
+                          {"Retry-After": str(RETRY_AFTER_SECONDS)})
+        except AvatarHubError as err:
+            return _error(422, "AVATAR_UNAVAILABLE", str(err))
+        except web.HTTPException:
+            raise
+        except Exception as err:  # the worker could not start (LiveKit unreachable, ...)
+            logger.error("request %s %s failed: %s: %s", request.method, request.path,
+                         type(err).__name__, err)
+            return _error(502, "WORKER_FAILED", f"the avatar could not start: {type(err).__name__}: {err}")
+
+    app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
+    app[MANAGER] = manager
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/workers", list_workers)
+    app.router.add_post("/v1/agents/{agent_id}/join-room", join_room)
+    app.router.add_post("/v1/agents/{agent_id}/leave-room", leave_room)
+    app.router.add_post("/v1/runtime-tokens/request", launch)
+
+    async def close(_: web.Application) -> None:
+        await manager.aclose()
+
+    app.on_shutdown.append(close)
+    return app
+
+
+async def health(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    return web.json_response({"status": "ok", "workers": manager.active(),
+                              "max_workers": manager.max_workers})
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    workers = [w.as_json() for w in request.app[MANAGER].list()]
+    return web.json_response({"success": True, "data": workers})
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _Invalid("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise _Invalid("the body must be a JSON object")
+    return body
+
+
+def _agent(value: Any) -> str:
+    if not isinstance(value, str) or not (value == DEMO_AVATAR_ID or AVATAR_ID_PATTERN.match(value)):
+        raise _Invalid(f"agent_id must be a bitHuman agent code (e.g. A91XMB7113) or {DEMO_AVATAR_ID!r}")
+    return value
+
+
+def _text(body: dict[str, Any], name: str, *, required: bool = True, limit: int = 256) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"{name} is required and must be a non-empty string")
+    if len(value) > limit:
+        raise _Invalid(f"{name} is longer than {limit} characters")
+    return value
+
+
+def _url(body: dict[str, Any], name: str) -> str:
+    value = _text(body, name, limit=2048)
+    assert value is not None
+    if not _URL.match(value):
+        raise _Invalid(f"{name} must be a ws://, wss://, http:// or https:// URL")
+    return value
+
+
+def _model(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid("model must be a string")
+    if not is_cloud_only(value):
+        try:
+            model_family(value)
+        except ValueError as err:
+            raise _Invalid(str(err)) from None
+    return value
+
+
+async def join_room(request: web.Request) -> web.Response:
+    """The seed documents' shape: ``{"room_url", "room_token", "participant_name"}``."""
+    agent_id = _agent(request.match_info["agent_id"])
+    body = await _body(request)
+    room_url = _url(body, "room_url")
+    token = _text(body, "room_token", limit=8192)
+    assert token is not None
+    name = _text(body, "participant_name", required=False, limit=128)
+    listen_to = _text(body, "listen_to", required=False, limit=128)
+    room = token_room(token)
+    if room is None:
+        raise _Invalid("room_token has no room grant: mint it with VideoGrants(room_join=True, room=...)")
+    participant = token_identity(token) or name or f"avatar-{agent_id}"
+    info, created = await request.app[MANAGER].join(
+        agent_id=agent_id, room=room, participant_id=participant, room_url=room_url, token=token,
+        model=_model(body.get("model")), listen_to=listen_to,
+    )
+    return web.json_response({"success": True, "participant_id": info.participant_id,
+                              "status": "connected", "created": created},
+                             status=201 if created else 200)
+
+
+async def leave_room(request: web.Request) -> web.Response:
+    agent_id = _agent(request.match_info["agent_id"])
+    body = await _body(request) if request.can_read_body else {}
+    room = _text(body, "room_name", required=False, limit=256)
+    token = _text(body, "room_token", required=False, limit=8192)
+    if room is None and token is not None:
+        room = token_room(token)
+    stopped = await request.app[MANAGER].leave(agent_id, room)
+    if not stopped:
+        raise _Invalid(f"avatar {agent_id} is not in {room or 'any room'}", 404, "NOT_FOUND")
+    return web.json_response({"success": True, "status": "disconnected",
+                              "participant_ids": [w.participant_id for w in stopped]})
+
+
+async def launch(request: web.Request) -> web.Response:
+    """LiveKit's bithuman plugin, cloud mode: ``{mode, model?, agent_id, livekit_url, ...}``."""
+    body = await _body(request)
+    if "image" in body and "agent_id" not in body:
+        raise _Invalid("photo sessions (image) render only in bitHuman's cloud; pass agent_id")
+    agent_id = _agent(body.get("agent_id"))
+    mode = body.get("mode")
+    if mode is not None and mode not in ("cpu", "gpu"):
+        raise _Invalid("mode must be 'cpu' or 'gpu'")
+    room_url = _url(body, "livekit_url")
+    token = _text(body, "livekit_token", limit=8192)
+    room = _text(body, "room_name", limit=256)
+    assert token is not None and room is not None
+    participant = token_identity(token) or f"avatar-{agent_id}"
+    info, created = await request.app[MANAGER].join(
+        agent_id=agent_id, room=room, participant_id=participant, room_url=room_url, token=token,
+        model=_model(body.get("model")),
+    )
+    logger.debug("launch for %s in %s (created=%s)", agent_id, room, created)
+    return web.json_response({"success": True, "participant_id": info.participant_id,
+                              "status": "connected", "created": created},
+                             status=201 if created else 200)
+
+
+def default_manager(*, api_secret: str | None, max_workers: int) -> WorkerManager:
+    """Workers that resolve avatars through the hub and connect real LiveKit rooms."""
+    from ..local_runtime import create_runtime
+    from .worker import AvatarWorker
+
+    async def runtime_for(agent_id: str, model: str | None) -> Any:
+        return await create_runtime(agent_id, api_secret=api_secret,
+                                    model=None if model is None or is_cloud_only(model) else model)
+
+    def factory(**kwargs: Any) -> AvatarWorker:
+        return AvatarWorker(runtime_factory=runtime_for, **kwargs)
+
+    return WorkerManager(factory, max_workers=max_workers)
+
+
+async def serve(*, host: str, port: int, key: str, api_secret: str | None, max_workers: int) -> None:
+    """Run until SIGINT/SIGTERM, then stop every worker."""
+    import asyncio
+    import signal
+
+    app = create_app(default_manager(api_secret=api_secret, max_workers=max_workers), key=key)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    logger.warning("avatar service listening on http://%s:%d (%d workers max)", host, port, max_workers)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:  # pragma: no cover - Windows
+            pass
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

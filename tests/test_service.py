@@ -1,0 +1,362 @@
+"""The self-hosted avatar service: its HTTP API on 127.0.0.1, and its workers in a test room."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+import numpy as np
+import pytest
+from livekit import api as lkapi
+from livekit import rtc
+
+pytest.importorskip("aiohttp")
+
+from aiohttp import web  # noqa: E402
+
+from fakes import FakeRoom  # noqa: E402
+from livekit_plugins_avatarhub.demo import DemoRuntime  # noqa: E402
+from livekit_plugins_avatarhub.exceptions import AvatarNotFoundError  # noqa: E402
+from livekit_plugins_avatarhub.service import AvatarWorker, WorkerManager  # noqa: E402
+from livekit_plugins_avatarhub.service.app import create_app  # noqa: E402
+
+KEY = "service-key-0123456789"
+LK_KEY, LK_SECRET = "devkey", "devsecret-devsecret-devsecret-1234"
+
+
+def room_token(room: str, identity: str = "avatar-1") -> str:
+    return (lkapi.AccessToken(LK_KEY, LK_SECRET).with_identity(identity).with_kind("agent")
+            .with_grants(lkapi.VideoGrants(room_join=True, room=room)).to_jwt())
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.rooms: list[FakeRoom] = []
+        self.runtimes: list[DemoRuntime] = []
+
+    async def runtime(self, agent_id: str, model: str | None) -> DemoRuntime:
+        if agent_id == "B000000000":
+            raise AvatarNotFoundError("agent B000000000: HTTP 404 (NOT_FOUND)", status_code=404)
+        runtime = await DemoRuntime.create(output_size=(160, 120))
+        self.runtimes.append(runtime)
+        return runtime
+
+    def room(self) -> FakeRoom:
+        self.rooms.append(FakeRoom())
+        return self.rooms[-1]
+
+    def worker(self, **kwargs) -> AvatarWorker:
+        return AvatarWorker(runtime_factory=self.runtime, room_factory=self.room, **kwargs)
+
+
+@pytest.fixture
+async def service():
+    harness = Harness()
+    manager = WorkerManager(harness.worker, max_workers=2)
+    runner = web.AppRunner(create_app(manager, key=KEY))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                 headers={"authorization": f"Bearer {KEY}"}) as client:
+        yield client, harness, manager
+    await runner.cleanup()
+
+
+def join_body(room: str = "room-a", **extra) -> dict:
+    return {"room_url": "wss://lk.example.com", "room_token": room_token(room),
+            "participant_name": "Ava", **extra}
+
+
+async def test_auth_is_required(service):
+    client, _, _ = service
+    for headers in ({"authorization": ""}, {"authorization": "Bearer nope"}):
+        r = await client.post("/v1/agents/demo/join-room", json=join_body(), headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHORIZED"
+    r = await client.get("/v1/workers", headers={"authorization": "", "api-secret": KEY})
+    assert r.status_code == 200
+    r = await client.get("/health", headers={"authorization": ""})
+    assert r.json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/v1/agents/nope/join-room", join_body(), "agent_id"),
+        ("/v1/agents/demo/join-room", {**join_body(), "room_url": "ftp://x"}, "room_url"),
+        ("/v1/agents/demo/join-room", {"room_url": "wss://x"}, "room_token"),
+        ("/v1/agents/demo/join-room", {**join_body(), "room_token": "not-a-jwt"}, "room grant"),
+        ("/v1/agents/demo/join-room", {**join_body(), "participant_name": "x" * 300}, "participant_name"),
+        ("/v1/agents/demo/join-room", [1, 2], "JSON object"),
+        ("/v1/runtime-tokens/request", {"image": "https://x/face.jpg"}, "cloud"),
+        ("/v1/runtime-tokens/request", {"agent_id": "demo", "mode": "tpu"}, "mode"),
+        ("/v1/runtime-tokens/request", {"agent_id": "demo", "livekit_url": "wss://x",
+                                        "livekit_token": "t", "room_name": "r", "model": "essense"}, "model"),
+    ],
+)
+async def test_requests_are_validated(service, path, body, words):
+    client, harness, _ = service
+    r = await client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["status"] == "error" and words in r.json()["error"]["message"]
+    assert not harness.rooms
+
+
+async def test_join_is_idempotent_per_agent_and_room(service):
+    client, harness, _ = service
+    r = await client.post("/v1/agents/demo/join-room", json=join_body())
+    assert r.status_code == 201
+    assert r.json() == {"success": True, "participant_id": "avatar-1", "status": "connected",
+                        "created": True}
+    again = await client.post("/v1/agents/demo/join-room", json=join_body())
+    assert again.status_code == 200 and again.json()["created"] is False
+    assert len(harness.rooms) == 1
+    url, token = harness.rooms[0].connected_with
+    assert url == "wss://lk.example.com" and token == join_body()["room_token"]
+
+
+async def test_capacity_limit_answers_503_with_retry_after(service):
+    client, _, _ = service
+    for room in ("r1", "r2"):
+        assert (await client.post("/v1/agents/demo/join-room", json=join_body(room))).status_code == 201
+    r = await client.post("/v1/agents/demo/join-room", json=join_body("r3"))
+    assert r.status_code == 503 and r.headers["retry-after"] == "30"
+    assert r.json()["error"]["code"] == "CAPACITY"
+
+
+async def test_leave_room_stops_the_worker(service):
+    client, harness, manager = service
+    await client.post("/v1/agents/demo/join-room", json=join_body())
+    r = await client.post("/v1/agents/demo/leave-room", json={"room_name": "room-a"})
+    assert r.json() == {"success": True, "status": "disconnected", "participant_ids": ["avatar-1"]}
+    assert not harness.rooms[0].isconnected()
+    assert harness.runtimes[0]._closed
+    assert manager.list() == []
+    r = await client.post("/v1/agents/demo/leave-room", json={"room_name": "room-a"})
+    assert r.status_code == 404
+
+
+async def test_room_closing_stops_the_worker(service):
+    client, harness, manager = service
+    await client.post("/v1/agents/demo/join-room", json=join_body())
+    await harness.rooms[0].disconnect()
+    await asyncio.sleep(0.1)
+    assert manager.list() == [] and harness.runtimes[0]._closed
+
+
+async def test_failures_are_reported_not_hidden(service):
+    client, _, _ = service
+    r = await client.post("/v1/agents/B000000000/join-room", json=join_body())
+    assert r.status_code == 422 and "NOT_FOUND" in r.json()["error"]["message"]
+    workers = (await client.get("/v1/workers")).json()["data"]
+    assert workers[0]["status"] == "failed" and "AvatarNotFoundError" in workers[0]["error"]
+
+
+async def test_a_worker_that_crashes_is_listed_as_failed(service):
+    client, harness, _ = service
+    await client.post("/v1/agents/demo/join-room", json=join_body())
+    runtime = harness.runtimes[0]
+
+    def broken(state):
+        raise MemoryError("renderer out of memory")
+
+    runtime.render = broken  # type: ignore[method-assign]
+    harness.rooms[0].join("agent-1")
+    for _ in range(100):
+        workers = (await client.get("/v1/workers")).json()["data"]
+        if workers and workers[0]["status"] == "failed":
+            break
+        await asyncio.sleep(0.05)
+    assert workers[0]["status"] == "failed" and "renderer out of memory" in workers[0]["error"]
+
+
+async def test_launch_request_of_the_cloud_plugin(service):
+    client, harness, _ = service
+    body = {"mode": "cpu", "model": "essence", "agent_id": "demo", "livekit_url": "wss://lk",
+            "livekit_token": room_token("room-z", "bithuman-avatar-agent"), "room_name": "room-z"}
+    r = await client.post("/v1/runtime-tokens/request", json=body)
+    assert r.status_code == 201 and r.json()["participant_id"] == "bithuman-avatar-agent"
+    assert (await client.post("/v1/runtime-tokens/request", json=body)).json()["created"] is False
+
+
+async def test_no_key_or_token_in_logs(service, caplog):
+    caplog.set_level(logging.DEBUG)
+    client, _, _ = service
+    body = join_body()
+    await client.post("/v1/agents/demo/join-room", json=body)
+    await client.post("/v1/agents/B000000000/join-room", json=body)
+    assert KEY not in caplog.text and body["room_token"] not in caplog.text
+
+
+# --- the worker in a test room ------------------------------------------------------------
+
+
+def tone(seconds: float) -> bytes:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (np.sin(2 * np.pi * 200 * t) * 16000).astype(np.int16).tobytes()
+
+
+@pytest.fixture
+async def worker():
+    harness = Harness()
+    w = harness.worker(agent_id="demo", room_url="wss://lk", token=room_token("r"))
+    await w.start()
+    room = harness.rooms[0]
+    room.join("agent-1")  # the agent that streams its speech to the avatar
+    yield w, room
+    await w.stop()
+
+
+async def test_worker_renders_streamed_audio_and_reports_playback(worker):
+    w, room = worker
+    for _ in range(100):
+        if "lk.audio_stream" in room.byte_stream_handlers:
+            break
+        await asyncio.sleep(0.02)
+    room.send_audio_stream("agent-1", tone(1.0))
+    pub = await room.wait_published(rtc.TrackKind.KIND_VIDEO)
+    assert pub.options.video_codec == rtc.VideoCodec.H264
+    stream = rtc.VideoStream(pub.track)
+    frames = 0
+
+    async def count():
+        nonlocal frames
+        async for _ in stream:
+            frames += 1
+
+    task = asyncio.create_task(count())
+    for _ in range(100):
+        if any(m == "lk.playback_finished" for _, m, _ in room.rpc_calls):
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    await stream.aclose()
+    finished = [json.loads(p) for d, m, p in room.rpc_calls if m == "lk.playback_finished"]
+    assert finished and finished[0]["interrupted"] is False
+    assert finished[0]["playback_position"] == pytest.approx(1.0, abs=0.05)
+    assert all(d == "agent-1" for d, _, _ in room.rpc_calls)
+    assert frames >= 20
+
+
+async def test_worker_answers_trigger_dynamics_and_clear_buffer(worker):
+    w, room = worker
+    answer = json.loads(await room.local_participant.invoke(
+        "trigger_dynamics", json.dumps({"action": "wave", "identity": "agent-1", "timestamp": 1})))
+    assert answer == {"success": True, "action": "wave"}
+    assert w.runtime._action is not None and w.runtime._action[0] == "wave"
+    bad = json.loads(await room.local_participant.invoke("trigger_dynamics", "not json"))
+    assert bad["success"] is False
+    for _ in range(100):
+        if "lk.clear_buffer" in room.local_participant.rpc_methods:
+            break
+        await asyncio.sleep(0.02)
+    await w.runtime.push_audio(tone(2.0), 16000, last_chunk=False)
+    assert await room.local_participant.invoke("lk.clear_buffer", "") == "ok"
+    await asyncio.sleep(0.1)
+    assert not w.runtime._queue  # the runtime dropped the reply
+
+
+# --- AvatarSession(mode="participant") against the service ----------------------------------
+
+
+@pytest.fixture
+def livekit_env(monkeypatch):
+    monkeypatch.setenv("LIVEKIT_URL", "wss://lk.example.com")
+    monkeypatch.setenv("LIVEKIT_API_KEY", LK_KEY)
+    monkeypatch.setenv("LIVEKIT_API_SECRET", LK_SECRET)
+
+
+async def test_participant_mode_runs_the_avatar_in_the_service(service, livekit_env):
+    from livekit.agents import AgentSession
+
+    from livekit_plugins_avatarhub import AvatarSession
+    from livekit_plugins_avatarhub.service.tokens import token_claims
+
+    client, harness, manager = service
+    avatar = AvatarSession(avatar_id="demo", mode="participant", service_url=str(client.base_url),
+                           service_key=KEY, api_secret="bithuman-secret-never-shared")
+    room = FakeRoom("room-p")
+    session = AgentSession()
+    await avatar.start(session, room=room)
+    try:
+        assert manager.get("demo", "room-p").status == "connected"
+        url, token = harness.rooms[0].connected_with
+        claims = token_claims(token)
+        assert url == "wss://lk.example.com"
+        assert claims["sub"] == avatar.avatar_identity == "bithuman-avatar-agent"
+        assert claims["video"]["room"] == "room-p" and claims["kind"] == "agent"
+        assert claims["attributes"] == {"lk.publish_on_behalf": "agent-test"}
+        assert "bithuman-secret-never-shared" not in json.dumps(claims)
+        from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+        sink = session.output.audio
+        while sink is not None and not isinstance(sink, DataStreamAudioOutput):
+            sink = getattr(sink, "next_in_chain", None)
+        assert isinstance(sink, DataStreamAudioOutput), "speech goes to the avatar participant"
+    finally:
+        await avatar.aclose()
+        await session.aclose()
+    assert manager.list() == []  # aclose told the service to leave
+
+
+async def test_participant_mode_configuration_errors(monkeypatch):
+    from livekit.agents import AgentSession
+
+    from livekit_plugins_avatarhub import AvatarSession, ConfigurationError
+    from livekit_plugins_avatarhub.exceptions import APIConnectionError
+
+    with pytest.raises(ConfigurationError, match="AVATARHUB_SERVICE_URL"):
+        AvatarSession(avatar_id="demo", mode="participant")
+    with pytest.raises(ConfigurationError, match="not model_path"):
+        AvatarSession(model_path="/x.imx", mode="participant", service_url="http://127.0.0.1:9",
+                      api_secret="s")
+    with pytest.raises(ConfigurationError, match="mode must be"):
+        AvatarSession(avatar_id="demo", mode="cloud")  # type: ignore[arg-type]
+    avatar = AvatarSession(avatar_id="demo", mode="participant", service_url="http://127.0.0.1:9")
+    with pytest.raises(ConfigurationError, match="LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET"):
+        await avatar.start(AgentSession(), room=FakeRoom())
+    monkeypatch.setenv("LIVEKIT_URL", "wss://lk")
+    monkeypatch.setenv("LIVEKIT_API_KEY", LK_KEY)
+    monkeypatch.setenv("LIVEKIT_API_SECRET", LK_SECRET)
+    avatar = AvatarSession(avatar_id="demo", mode="participant", service_url="http://127.0.0.1:9",
+                           conn_options=__import__("livekit.agents").agents.APIConnectOptions(
+                               max_retry=0, retry_interval=0.01))
+    with pytest.raises(APIConnectionError, match="unreachable"):
+        await avatar.start(AgentSession(), room=FakeRoom())
+
+
+def test_serve_command_runs_and_stops_cleanly(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AVATARHUB_SERVICE_KEY": KEY}
+    refused = subprocess.run([sys.executable, "-m", "livekit_plugins_avatarhub", "serve"],
+                             env={k: v for k, v in env.items() if k != "AVATARHUB_SERVICE_KEY"},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "AVATARHUB_SERVICE_KEY" in refused.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "livekit_plugins_avatarhub", "serve",
+                             "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert r.json() == {"status": "ok", "workers": 0, "max_workers": 4}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/agents/demo/join-room", json={})
+        assert r.status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
