@@ -38,11 +38,15 @@ def main() -> None:
     runtime.get_first_frame()
     start = time.perf_counter()
     for i in range(args.frames):
-        runtime.render(FrameState(i, (i % 12) / 12, "wave" if i % 50 < 25 else None, (i % 50) / 50, True))
+        runtime.render(
+            FrameState(i, (i % 12) / 12, "wave" if i % 50 < 25 else None, (i % 50) / 50, True)
+        )
     per_frame = (time.perf_counter() - start) / args.frames
     budget = 1 / runtime.settings.FPS
-    print(f"demo drawing {width}x{height}: {per_frame * 1e3:.2f} ms/frame = "
-          f"{budget / per_frame:.1f}x real time at {runtime.settings.FPS} FPS (one core)")
+    print(
+        f"demo drawing {width}x{height}: {per_frame * 1e3:.2f} ms/frame = "
+        f"{budget / per_frame:.1f}x real time at {runtime.settings.FPS} FPS (one core)"
+    )
 
     async def encode() -> tuple[float, float]:
         rt = await DemoRuntime.create(output_size=(width, height), realtime=False)
@@ -52,8 +56,10 @@ def main() -> None:
             return time.perf_counter() - t0, result.audio_seconds
 
     spent, seconds = asyncio.run(encode())
-    print(f"render command, {seconds:.2f} s of speech to MP4: {spent:.2f} s = "
-          f"{seconds / spent:.1f}x real time (drawing + H.264 + AAC, one core)")
+    print(
+        f"render command, {seconds:.2f} s of speech to MP4: {spent:.2f} s = "
+        f"{seconds / spent:.1f}x real time (drawing + H.264 + AAC, one core)"
+    )
 
 
 if __name__ == "__main__":

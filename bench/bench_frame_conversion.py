@@ -14,8 +14,8 @@ import statistics
 import time
 
 import numpy as np
-from livekit import rtc
 
+from livekit import rtc
 from livekit_plugins_avatarhub.generator import FrameConverter
 
 
@@ -43,8 +43,10 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     # distinct frames, as a runtime produces: no cache-warm repeats of one image
-    images = [rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
-              for _ in range(min(args.frames, 16))]
+    images = [
+        rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
+        for _ in range(min(args.frames, 16))
+    ]
     images = (images * (args.frames // len(images) + 1))[: args.frames]
     ours = FrameConverter(args.width, args.height, ring_size=6)
 
@@ -58,11 +60,15 @@ def main() -> None:
     print(f"frame {args.width}x{args.height}, {args.frames} frames")
     print(f"official plugin : {t_official * 1e3:7.3f} ms/frame")
     print(f"avatarhub       : {t_ours * 1e3:7.3f} ms/frame")
-    print(f"ratio           : {t_ours / t_official:7.3f} (ours / official), "
-          f"{t_official / t_ours:.1f}x faster")
+    print(
+        f"ratio           : {t_ours / t_official:7.3f} (ours / official), "
+        f"{t_official / t_ours:.1f}x faster"
+    )
     budget = 1 / 25
-    print(f"share of the 25 FPS frame budget: official {t_official / budget:.1%}, "
-          f"ours {t_ours / budget:.1%}")
+    print(
+        f"share of the 25 FPS frame budget: official {t_official / budget:.1%}, "
+        f"ours {t_ours / budget:.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ def _child_peak_rss_mb(api_base: str, cache: str) -> tuple[float, float]:
         "print(base, hwm())\n"
     )
     env = dict(os.environ, BITHUMAN_CACHE_DIR=cache)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     return float(out[0]), float(out[1])
 
 
@@ -55,8 +56,11 @@ async def main() -> None:
     args = parser.parse_args()
 
     # the server runs in its own process, so it does not share a GIL with the client measured
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "bithuman_server.py"),
-                               str(args.mb << 20)], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "bithuman_server.py"), str(args.mb << 20)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         env_line = server.stdout.readline().split()
@@ -95,15 +99,22 @@ async def run(mb: int, api_base: str) -> None:
         stale = time.perf_counter() - t0
         warm = sorted(warm_times)[len(warm_times) // 2]
         print(f"cold resolve (downloads {mb} MB): {cold * 1e3:8.1f} ms")
-        print(f"warm resolve, fresh:  {warm * 1e3:8.2f} ms, {warm_requests} requests "
-              f"({warm / cold:.5f} of cold)")
-        print(f"warm resolve, stale:  {stale * 1e3:8.2f} ms, {h.requests} requests, "
-              f"no body transfer ({stale / cold:.4f} of cold)")
+        print(
+            f"warm resolve, fresh:  {warm * 1e3:8.2f} ms, {warm_requests} requests "
+            f"({warm / cold:.5f} of cold)"
+        )
+        print(
+            f"warm resolve, stale:  {stale * 1e3:8.2f} ms, {h.requests} requests, "
+            f"no body transfer ({stale / cold:.4f} of cold)"
+        )
 
         # throughput: curl and the hub fetch the same URL from the same server
         async with httpx.AsyncClient() as client:
-            info = await client.get(f"{api_base}/v1/agent/{CODE}/model/download",
-                                    params={"redirect": "false"}, headers={"api-secret": SECRET})
+            info = await client.get(
+                f"{api_base}/v1/agent/{CODE}/model/download",
+                params={"redirect": "false"},
+                headers={"api-secret": SECRET},
+            )
         url = info.json()["data"]["url"]
         curl = shutil.which("curl")
         shutil.rmtree(Path(tmp) / "agents")
@@ -124,8 +135,10 @@ async def run(mb: int, api_base: str) -> None:
 
         shutil.rmtree(Path(tmp) / "agents")
         base, peak = _child_peak_rss_mb(api_base, tmp)
-        print(f"peak RSS: {base:.0f} MB before, {peak:.0f} MB after downloading {mb} MB: "
-              f"growth {peak - base:.1f} MB = {(peak - base) / mb:.3f} of the file size")
+        print(
+            f"peak RSS: {base:.0f} MB before, {peak:.0f} MB after downloading {mb} MB: "
+            f"growth {peak - base:.1f} MB = {(peak - base) / mb:.3f} of the file size"
+        )
 
 
 if __name__ == "__main__":

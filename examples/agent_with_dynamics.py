@@ -15,6 +15,7 @@ import os
 import sys
 
 from livekit.agents import Agent, AgentSession, JobContext, WorkerOptions, cli
+
 from livekit.plugins import avatarhub
 
 # your own words on top of the defaults; actions the avatar lacks are ignored with a warning
@@ -31,7 +32,9 @@ async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()
     avatar_id = os.environ["BITHUMAN_AVATAR_ID"]
     session = make_session()
-    avatar = avatarhub.AvatarSession(avatar_id=avatar_id, api_secret=os.getenv("BITHUMAN_API_SECRET"))
+    avatar = avatarhub.AvatarSession(
+        avatar_id=avatar_id, api_secret=os.getenv("BITHUMAN_API_SECRET")
+    )
     gestures = await avatarhub.GestureTrigger.from_dynamics(
         avatar, avatar_id, keywords=EXTRA_KEYWORDS, cooldown=5.0, global_cooldown=2.0
     )
@@ -47,7 +50,9 @@ def check_environment() -> None:
         required.append("BITHUMAN_API_SECRET")
     missing = [name for name in required if not os.getenv(name)]
     if missing:
-        sys.exit(f"set {', '.join(missing)} first (BITHUMAN_AVATAR_ID=demo needs no bitHuman account)")
+        sys.exit(
+            f"set {', '.join(missing)} first (BITHUMAN_AVATAR_ID=demo needs no bitHuman account)"
+        )
 
 
 if __name__ == "__main__":

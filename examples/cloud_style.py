@@ -16,6 +16,7 @@ import os
 import sys
 
 from livekit.agents import Agent, AgentSession, JobContext, WorkerOptions, cli
+
 from livekit.plugins import avatarhub as bithuman  # cloud: from livekit.plugins import bithuman
 
 
@@ -48,7 +49,9 @@ def check_environment() -> None:
         required.append("BITHUMAN_API_SECRET")
     missing = [name for name in required if not os.getenv(name)]
     if missing:
-        sys.exit(f"set {', '.join(missing)} first (BITHUMAN_AVATAR_ID=demo needs no bitHuman account)")
+        sys.exit(
+            f"set {', '.join(missing)} first (BITHUMAN_AVATAR_ID=demo needs no bitHuman account)"
+        )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sys
 import time
 
 import httpx
+
 from livekit import api
 
 
@@ -33,8 +34,13 @@ def main() -> None:
     parser.add_argument("--name", default="Avatar", help="the avatar's display name")
     args = parser.parse_args()
 
-    required = ["LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET", "AVATARHUB_SERVICE_URL",
-                "AVATARHUB_SERVICE_KEY"]
+    required = [
+        "LIVEKIT_URL",
+        "LIVEKIT_API_KEY",
+        "LIVEKIT_API_SECRET",
+        "AVATARHUB_SERVICE_URL",
+        "AVATARHUB_SERVICE_KEY",
+    ]
     missing = [name for name in required if not os.getenv(name)]
     if missing:
         sys.exit(f"set {', '.join(missing)} first")
@@ -50,20 +56,32 @@ def main() -> None:
     )
     service = os.environ["AVATARHUB_SERVICE_URL"].rstrip("/")
     headers = {"authorization": f"Bearer {os.environ['AVATARHUB_SERVICE_KEY']}"}
-    body = {"room_url": os.environ["LIVEKIT_URL"], "room_token": token, "participant_name": args.name}
+    body = {
+        "room_url": os.environ["LIVEKIT_URL"],
+        "room_token": token,
+        "participant_name": args.name,
+    }
     if args.listen_to:
         body["listen_to"] = args.listen_to
-    answer = httpx.post(f"{service}/v1/agents/{args.agent_id}/join-room", json=body,
-                        headers=headers, timeout=120)
+    answer = httpx.post(
+        f"{service}/v1/agents/{args.agent_id}/join-room", json=body, headers=headers, timeout=120
+    )
     if answer.status_code >= 400:
-        sys.exit(f"join-room failed: HTTP {answer.status_code} {answer.json().get('error', {}).get('message')}")
+        sys.exit(
+            f"join-room failed: HTTP {answer.status_code} "
+            f"{answer.json().get('error', {}).get('message')}"
+        )
     print(f"joined: {answer.json()}")
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        left = httpx.post(f"{service}/v1/agents/{args.agent_id}/leave-room",
-                          json={"room_name": args.room}, headers=headers, timeout=30)
+        left = httpx.post(
+            f"{service}/v1/agents/{args.agent_id}/leave-room",
+            json={"room_name": args.room},
+            headers=headers,
+            timeout=30,
+        )
         print(f"left: {left.json()}")
 
 

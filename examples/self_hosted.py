@@ -18,6 +18,7 @@ import os
 import sys
 
 from livekit.agents import Agent, AgentSession, JobContext, JobProcess, WorkerOptions, cli
+
 from livekit.plugins import avatarhub
 
 
@@ -52,7 +53,9 @@ async def entrypoint(ctx: JobContext) -> None:
     await ctx.connect()
     session = make_session()
     avatar = avatarhub.AvatarSession(
-        model_path=None if ctx.proc.userdata["model_path"] == "demo" else ctx.proc.userdata["model_path"],
+        model_path=None
+        if ctx.proc.userdata["model_path"] == "demo"
+        else ctx.proc.userdata["model_path"],
         runtime=await runtime_for(ctx.proc),
         api_secret=os.getenv("BITHUMAN_API_SECRET"),
     )
@@ -61,7 +64,9 @@ async def entrypoint(ctx: JobContext) -> None:
 
 
 def check_environment() -> None:
-    missing = [n for n in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET") if not os.getenv(n)]
+    missing = [
+        n for n in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET") if not os.getenv(n)
+    ]
     if not os.getenv("BITHUMAN_MODEL_PATH") and not os.getenv("BITHUMAN_AVATAR_ID"):
         missing.append("BITHUMAN_MODEL_PATH (or BITHUMAN_AVATAR_ID)")
     if os.getenv("BITHUMAN_AVATAR_ID") != "demo" and not os.getenv("BITHUMAN_API_SECRET"):

@@ -10,10 +10,9 @@ import asyncio
 import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
-from livekit import rtc
 from livekit.agents.voice.avatar import QueueAudioOutput
 
-from .log import logger
+from livekit import rtc
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -38,47 +37,49 @@ LIVEKIT_AGENTS_VERSION = _version("livekit-agents")
 # livekit-agents 1.5.5 added the AvatarSession base class (abstract avatar_identity from
 # 1.5.11, wait_for_join and participant removal in aclose from 1.5.13). Older versions get a
 # small stand-in with the same start/aclose/wait_for_join surface.
-try:
-    from livekit.agents.voice.avatar import AvatarSession as AvatarSessionBase  # type: ignore[attr-defined]
+class _StandInAvatarSessionBase(rtc.EventEmitter[str]):
+    """Stand-in for livekit.agents.voice.avatar.AvatarSession (added in 1.5.5)."""
 
-    HAS_AVATAR_SESSION_BASE = True
-except ImportError:  # livekit-agents < 1.5.5
-    HAS_AVATAR_SESSION_BASE = False
+    def __init__(self) -> None:
+        super().__init__()
+        self._room: rtc.Room | None = None
+        self._agent_session: AgentSession[Any] | None = None
 
-    class AvatarSessionBase(rtc.EventEmitter[str]):  # type: ignore[no-redef]
-        """Stand-in for livekit.agents.voice.avatar.AvatarSession (added in 1.5.5)."""
+    @property
+    def avatar_identity(self) -> str:
+        raise NotImplementedError
 
-        def __init__(self) -> None:
-            super().__init__()
-            self._room: rtc.Room | None = None
-            self._agent_session: AgentSession | None = None
+    @property
+    def provider(self) -> str:
+        return "unknown"
 
-        @property
-        def avatar_identity(self) -> str:
-            raise NotImplementedError
+    async def start(self, agent_session: AgentSession[Any], room: rtc.Room) -> None:
+        from livekit.agents import get_job_context
 
-        @property
-        def provider(self) -> str:
-            return "unknown"
+        try:
+            job_ctx = get_job_context()
+        except RuntimeError:
+            job_ctx = None
+        if job_ctx is not None:
+            job_ctx.add_shutdown_callback(self.aclose)
+        self._room = room
+        self._agent_session = agent_session
 
-        async def start(self, agent_session: AgentSession, room: rtc.Room) -> None:
-            from livekit.agents import get_job_context
+    async def wait_for_join(self, *, timeout: float | None = 30.0) -> None:
+        return None
 
-            try:
-                job_ctx = get_job_context()
-            except RuntimeError:
-                job_ctx = None
-            if job_ctx is not None:
-                job_ctx.add_shutdown_callback(self.aclose)
-            self._room = room
-            self._agent_session = agent_session
+    async def aclose(self) -> None:
+        self._agent_session = None
+        self._room = None
 
-        async def wait_for_join(self, *, timeout: float | None = 30.0) -> None:
-            return None
 
-        async def aclose(self) -> None:
-            self._agent_session = None
-            self._room = None
+if TYPE_CHECKING:
+    from livekit.agents.voice.avatar import AvatarSession as AvatarSessionBase
+else:
+    try:
+        from livekit.agents.voice.avatar import AvatarSession as AvatarSessionBase
+    except ImportError:  # livekit-agents < 1.5.5
+        AvatarSessionBase = _StandInAvatarSessionBase
 
 
 def detach_room(session: Any) -> None:
@@ -106,7 +107,7 @@ def queue_audio_output(sample_rate: int) -> QueueAudioOutput:
         return QueueAudioOutput(sample_rate=sample_rate)
 
 
-def replace_audio_output(agent_session: AgentSession, sink: AudioOutput) -> None:
+def replace_audio_output(agent_session: AgentSession[Any], sink: AudioOutput) -> None:
     """Route the agent's speech into ``sink``.
 
     ``replace_audio_tail`` (1.6.1) keeps any transcription-sync wrappers in front of the sink;

@@ -36,7 +36,7 @@ from .exceptions import (
 )
 from .log import logger
 from .settings import api_base as resolve_api_base
-from .settings import env_or, scrub, validate_avatar_id
+from .settings import env_or, redact, scrub, validate_avatar_id
 
 T = TypeVar("T")
 
@@ -56,9 +56,7 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
 
 
-async def with_retries(
-    call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str
-) -> T:
+async def with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
     """Run ``call`` until it succeeds, fails permanently, or the attempts run out."""
     for attempt in range(policy.attempts):
         try:
@@ -100,7 +98,8 @@ _BY_CODE: dict[str, type[APIStatusError]] = {
 _ADVICE: dict[type[APIStatusError], str] = {
     AuthenticationError: "check api_secret / BITHUMAN_API_SECRET (and that it belongs to the "
     "account that owns this avatar)",
-    AvatarNotFoundError: "check the avatar id; bitHuman also answers 404 for agents of other accounts",
+    AvatarNotFoundError: "check the avatar id; bitHuman also answers 404 for agents of other "
+    "accounts",
     ModelNotReadyError: "the model is still being built; try again in a few minutes",
     ModelNotDownloadableError: "this model renders only in bitHuman's cloud; use "
     "`from livekit.plugins import bithuman` for it, or pick a downloadable model "
@@ -143,7 +142,11 @@ def status_error(response: httpx.Response, what: str) -> APIStatusError:
         cls = APIStatusError
     detail = "; ".join(str(x) for x in (code, message, reason) if x)
     advice = _ADVICE.get(cls, "")
-    text = f"{what}: HTTP {status}" + (f" ({detail})" if detail else "") + (f". {advice}" if advice else "")
+    text = (
+        f"{what}: HTTP {status}"
+        + (f" ({detail})" if detail else "")
+        + (f". {advice}" if advice else "")
+    )
     return cls(
         text,
         status_code=status,
@@ -193,7 +196,7 @@ class BithumanAPI:
         )
 
     def __repr__(self) -> str:
-        return f"BithumanAPI(base_url={self.base_url!r}, api_secret={'<set>' if self._secret else '<unset>'})"
+        return f"BithumanAPI(base_url={self.base_url!r}, api_secret={redact(self._secret)})"
 
     async def __aenter__(self) -> BithumanAPI:
         return self
@@ -255,13 +258,17 @@ class BithumanAPI:
         if model:
             params["model"] = model
         body = await self.request(
-            "GET", f"/v1/agent/{code}/model/download", params=params,
+            "GET",
+            f"/v1/agent/{code}/model/download",
+            params=params,
             what=f"model download for {code}",
         )
         data = _data(body, f"model download for {code}")
         url = data.get("url")
         if not isinstance(url, str) or not url:
-            raise APIStatusError(f"model download for {code}: the answer has no url", status_code=200)
+            raise APIStatusError(
+                f"model download for {code}: the answer has no url", status_code=200
+            )
         expires = data.get("expires_in")
         sha = data.get("sha256")
         return ModelDownload(
@@ -334,14 +341,23 @@ class BithumanAPI:
                 raise ConfigurationError(f"{name} must be an http(s) URL")
         if not any((prompt, image, audio)):
             raise ConfigurationError("give at least one of prompt, image or audio")
-        payload = {k: v for k, v in {
-            "prompt": prompt, "image": image, "audio": audio, "aspect_ratio": aspect_ratio,
-            "transparency": transparency, "framing": framing, "agent_id": agent_id,
-            "model": model, "version": version,
-        }.items() if v is not None}
+        payload = _given(
+            prompt=prompt,
+            image=image,
+            audio=audio,
+            aspect_ratio=aspect_ratio,
+            transparency=transparency,
+            framing=framing,
+            agent_id=agent_id,
+            model=model,
+            version=version,
+        )
         key = idempotency_key or str(uuid.uuid4())
         body = await self.request(
-            "POST", "/v1/agent/generate", json=payload, headers={"Idempotency-Key": key},
+            "POST",
+            "/v1/agent/generate",
+            json=payload,
+            headers={"Idempotency-Key": key},
             what="agent generation",
         )
         if not isinstance(body, dict) or not body.get("agent_id"):
@@ -370,8 +386,10 @@ class BithumanAPI:
             state = str(status.get("status", "")).lower()
             if on_progress is not None:
                 progress = status.get("progress")
-                on_progress(float(progress) if isinstance(progress, (int, float)) else 0.0,
-                            str(status.get("progress_msg") or state))
+                on_progress(
+                    float(progress) if isinstance(progress, (int, float)) else 0.0,
+                    str(status.get("progress_msg") or state),
+                )
             if state == "ready":
                 return status
             if state == "failed":
@@ -405,12 +423,21 @@ class BithumanAPI:
         duration: float | None = None,
         model: str | None = None,
     ) -> dict[str, Any]:
-        payload = {k: v for k, v in {
-            "agent_id": agent_id, "image_url": image_url, "duration": duration, "model": model,
-        }.items() if v is not None}
-        body = await self.request("POST", "/v1/dynamics/generate", json=payload,
-                                  what=f"gesture generation for {agent_id}")
+        payload = _given(
+            agent_id=agent_id,
+            image_url=image_url,
+            duration=duration,
+            model=model,
+        )
+        body = await self.request(
+            "POST", "/v1/dynamics/generate", json=payload, what=f"gesture generation for {agent_id}"
+        )
         return body if isinstance(body, dict) else {}
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields that were given: bitHuman reads a missing field and a null differently."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _data(body: Any, what: str) -> dict[str, Any]:

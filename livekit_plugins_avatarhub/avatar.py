@@ -7,7 +7,6 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from livekit import rtc
 from livekit.agents import (
     DEFAULT_API_CONNECT_OPTIONS,
     NOT_GIVEN,
@@ -15,9 +14,12 @@ from livekit.agents import (
     NotGivenOr,
     utils,
 )
-from livekit.agents.voice.avatar import AvatarOptions, AvatarRunner
+from livekit.agents.voice.avatar import AvatarRunner
+
+from livekit import rtc
 
 from . import _compat
+from .api import RetryPolicy
 from .cache import hold
 from .exceptions import (
     CLOUD_PLUGIN_HINT,
@@ -29,11 +31,17 @@ from .exceptions import (
 from .generator import RuntimeVideoGenerator
 from .local_runtime import check_model_file, load_bithuman_runtime
 from .log import logger
-from .api import RetryPolicy
-from .publish import PublishingRoom, VideoPublishOptions
+from .publish import VideoPublishOptions, avatar_runner
 from .resolver import AvatarResolver
 from .runtime import AvatarRuntime
-from .settings import DEMO_AVATAR_ID, env_or, is_cloud_only, model_family, redact, validate_avatar_id
+from .settings import (
+    DEMO_AVATAR_ID,
+    env_or,
+    is_cloud_only,
+    model_family,
+    redact,
+    validate_avatar_id,
+)
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -41,7 +49,7 @@ if TYPE_CHECKING:
 _AVATAR_PARTICIPANT = "bithuman-avatar-agent"
 
 
-class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
+class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-defined]
     """A bitHuman avatar in a LiveKit room, rendered by this process.
 
     Takes the arguments of ``livekit.plugins.bithuman.AvatarSession`` (cloud and local) so that
@@ -87,7 +95,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         if utils.is_given(avatar_image) and avatar_image is not None:
             raise CloudOnlyError(
                 "avatar_image= starts a cloud photo session (Expression 1), which has no local "
-                f"runtime; create an agent from the photo and pass avatar_id=, or {CLOUD_PLUGIN_HINT}"
+                "runtime; create an agent from the photo and pass avatar_id=, or "
+                f"{CLOUD_PLUGIN_HINT}"
             )
         self._api_url = env_or(api_url, "BITHUMAN_API_URL")
         self._api_secret = env_or(api_secret, "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY")
@@ -109,7 +118,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
             if not self._service_url:
                 raise ConfigurationError(
                     "mode='participant' needs the avatar service: pass service_url= or set "
-                    "AVATARHUB_SERVICE_URL (run one with `python -m livekit_plugins_avatarhub serve`)"
+                    "AVATARHUB_SERVICE_URL (run one with "
+                    "`python -m livekit_plugins_avatarhub serve`)"
                 )
             if self._model_path or given_runtime is not None:
                 raise ConfigurationError(
@@ -136,7 +146,10 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         if arg_id and arg_path:
             raise ConfigurationError("pass avatar_id= or model_path=, not both")
         if not arg_id and not arg_path:
-            env_id, env_path = env_or(None, "BITHUMAN_AVATAR_ID"), env_or(None, "BITHUMAN_MODEL_PATH")
+            env_id, env_path = (
+                env_or(None, "BITHUMAN_AVATAR_ID"),
+                env_or(None, "BITHUMAN_MODEL_PATH"),
+            )
             if env_id and env_path and self._runtime is None:
                 raise ConfigurationError(
                     "both BITHUMAN_AVATAR_ID and BITHUMAN_MODEL_PATH are set; unset one, or pass "
@@ -167,9 +180,14 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         )
 
     def __repr__(self) -> str:
-        source = f"avatar_id={self._avatar_id!r}" if self._avatar_id else f"model_path={self._model_path!r}"
+        source = (
+            f"avatar_id={self._avatar_id!r}"
+            if self._avatar_id
+            else f"model_path={self._model_path!r}"
+        )
         return (
-            f"AvatarSession({source}, model={self._model!r}, api_secret={redact(self._api_secret)}, "
+            f"AvatarSession({source}, model={self._model!r}, "
+            f"api_secret={redact(self._api_secret)}, "
             f"api_token={redact(self._api_token)})"
         )
 
@@ -205,7 +223,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
 
     async def start(
         self,
-        agent_session: AgentSession,
+        agent_session: AgentSession[Any],
         room: rtc.Room,
         *,
         livekit_url: NotGivenOr[str] = NOT_GIVEN,
@@ -222,8 +240,9 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
             raise AvatarHubError("this AvatarSession was already started; create one per job")
         self._started = True
         if self._mode == "participant":
-            await self._start_participant(agent_session, room, livekit_url, livekit_api_key,
-                                          livekit_api_secret)
+            await self._start_participant(
+                agent_session, room, livekit_url, livekit_api_key, livekit_api_secret
+            )
             return
         try:
             runtime = await self._load_runtime()
@@ -235,57 +254,58 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
 
         await super().start(agent_session, room)
         audio_sink = _compat.queue_audio_output(generator.audio_sample_rate)
-        width, height = generator.video_resolution
-        options = AvatarOptions(
-            video_width=width,
-            video_height=height,
-            video_fps=generator.video_fps,
-            audio_sample_rate=generator.audio_sample_rate,
-            audio_channels=1,
-        )
-        publish_room = PublishingRoom(room, self._video_options.track_options(generator.video_fps))
-        self._runner = AvatarRunner(
-            cast(rtc.Room, publish_room),
-            audio_recv=audio_sink,
-            video_gen=generator,
-            options=options,
-        )
+        self._runner = avatar_runner(room, generator, audio_sink, self._video_options)
         await self._runner.start()
         _compat.replace_audio_output(agent_session, audio_sink)
         logger.info(
             "avatar started",
-            extra={"avatar": self._avatar_id or Path(self._model_path or "").name,
-                   "size": f"{width}x{height}", "fps": generator.video_fps},
+            extra={
+                "avatar": self._avatar_id or Path(self._model_path or "").name,
+                "size": "x".join(map(str, generator.video_resolution)),
+                "fps": generator.video_fps,
+            },
         )
 
     async def _start_participant(
-        self, agent_session: AgentSession, room: rtc.Room, url: Any, key: Any, secret: Any
+        self, agent_session: AgentSession[Any], room: rtc.Room, url: Any, key: Any, secret: Any
     ) -> None:
         from . import participant
 
         lk_url, lk_key, lk_secret = participant.livekit_credentials(
-            url if utils.is_given(url) else None, key if utils.is_given(key) else None,
+            url if utils.is_given(url) else None,
+            key if utils.is_given(key) else None,
             secret if utils.is_given(secret) else None,
         )
         token = participant.avatar_token(
-            api_key=lk_key, api_secret=lk_secret, room=room.name,
-            identity=self._participant_identity, name=self._participant_name,
+            api_key=lk_key,
+            api_secret=lk_secret,
+            room=room.name,
+            identity=self._participant_identity,
+            name=self._participant_name,
             on_behalf_of=room.local_participant.identity,
         )
         assert self._service_url is not None and self._avatar_id is not None
         options = self._conn_options
         await participant.launch_avatar(
-            service_url=self._service_url, service_key=self._service_key,
-            agent_id=self._avatar_id, model=self._model, livekit_url=lk_url,
-            livekit_token=token, room_name=room.name,
-            retry=RetryPolicy(attempts=max(1, options.max_retry + 1),
-                              base_delay=max(0.1, options.retry_interval)),
+            service_url=self._service_url,
+            service_key=self._service_key,
+            agent_id=self._avatar_id,
+            model=self._model,
+            livekit_url=lk_url,
+            livekit_token=token,
+            room_name=room.name,
+            retry=RetryPolicy(
+                attempts=max(1, options.max_retry + 1), base_delay=max(0.1, options.retry_interval)
+            ),
         )
         await super().start(agent_session, room)
         participant.route_audio_to(agent_session, room, self._participant_identity)
         self._room_name = room.name
-        logger.info("avatar %s launched in the avatar service as %s", self._avatar_id,
-                    self._participant_identity)
+        logger.info(
+            "avatar %s launched in the avatar service as %s",
+            self._avatar_id,
+            self._participant_identity,
+        )
 
     async def _load_runtime(self) -> AvatarRuntime:
         if self._runtime is not None:  # prewarmed: new transaction for this job
@@ -326,9 +346,12 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         from .hub import ModelHub
 
         options = self._conn_options
-        retry = RetryPolicy(attempts=max(1, options.max_retry + 1),
-                            base_delay=max(0.1, options.retry_interval))
-        return ModelHub(api_secret=self._api_secret, retry=retry, timeout=max(options.timeout, 30.0))
+        retry = RetryPolicy(
+            attempts=max(1, options.max_retry + 1), base_delay=max(0.1, options.retry_interval)
+        )
+        return ModelHub(
+            api_secret=self._api_secret, retry=retry, timeout=max(options.timeout, 30.0)
+        )
 
     async def _release_runtime(self) -> None:
         runtime, self._runtime = self._runtime, None
@@ -352,8 +375,12 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
             if self._started and self._room_name and self._service_url and self._avatar_id:
                 from . import participant
 
-                await participant.leave(service_url=self._service_url, service_key=self._service_key,
-                                        agent_id=self._avatar_id, room_name=self._room_name)
+                await participant.leave(
+                    service_url=self._service_url,
+                    service_key=self._service_key,
+                    agent_id=self._avatar_id,
+                    room_name=self._room_name,
+                )
             await super().aclose()  # removes the avatar participant (livekit-agents 1.5.13+)
             return
         if self._runner is not None:
@@ -364,7 +391,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc]
         await super().aclose()
 
 
-def _hold_file(path: Path) -> contextlib.AbstractContextManager[None]:
+def _hold_file(path: Path) -> contextlib.ExitStack:
     """Open the lease now (blocking), hand back the context to keep it for the session."""
     lease = hold(path)
     lease.__enter__()

@@ -68,11 +68,7 @@ class CacheEntry:
 
 def is_model_file(path: Path) -> bool:
     name = path.name
-    return (
-        not name.startswith(".")
-        and name.endswith(MODEL_SUFFIXES)
-        and path.is_file()
-    )
+    return not name.startswith(".") and name.endswith(MODEL_SUFFIXES) and path.is_file()
 
 
 def guess_family(filename: str) -> str | None:

@@ -17,8 +17,9 @@ Command = Callable[[argparse.Namespace], int]
 def _progress_bar(desc: str) -> tuple[Callable[[int, int | None], None], Callable[[], None]]:
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=True,
-               disable=None)  # disabled when stderr is not a terminal
+    bar = tqdm(
+        desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=True, disable=None
+    )  # disabled when stderr is not a terminal
 
     def update(done: int, total: int | None) -> None:
         if total and bar.total != total:
@@ -38,8 +39,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     async def pull() -> int:
         for code in args.codes:
             update, close = _progress_bar(code)
-            hub = ModelHub(api_secret=args.api_secret, api_base=args.api_base,
-                           fresh_for=0 if args.force else None, progress=update)
+            hub = ModelHub(
+                api_secret=args.api_secret,
+                api_base=args.api_base,
+                fresh_for=0 if args.force else None,
+                progress=update,
+            )
             try:
                 path = await hub.resolve(code, model=args.model)
             finally:
@@ -108,7 +113,9 @@ def _size(n: int) -> str:
 
 def _api_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-secret", help="default: BITHUMAN_API_SECRET")
-    parser.add_argument("--api-base", help="default: BITHUMAN_API_BASE, then https://api.bithuman.ai")
+    parser.add_argument(
+        "--api-base", help="default: BITHUMAN_API_BASE, then https://api.bithuman.ai"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", help="download avatars into the cache (with a progress bar)")
     p.add_argument("codes", nargs="+", metavar="CODE", help="bitHuman agent codes, e.g. A91XMB7113")
-    p.add_argument("--model", help="essence-1, essence-2 or expression-2 (default: the agent's own)")
+    p.add_argument(
+        "--model", help="essence-1, essence-2 or expression-2 (default: the agent's own)"
+    )
     p.add_argument("--force", action="store_true", help="revalidate even if recently checked")
     _api_options(p)
     p.set_defaults(func=cmd_pull)
@@ -140,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="render speech through an avatar into an MP4 (H.264 + AAC)")
     p.add_argument("avatar", help="'demo', a bitHuman agent code, or a model file path")
     p.add_argument("audio", nargs="?", help="any audio file (default: a bundled speech sample)")
-    p.add_argument("-o", "--output", default="avatar.mp4", help="MP4 to write (default: avatar.mp4)")
+    p.add_argument(
+        "-o", "--output", default="avatar.mp4", help="MP4 to write (default: avatar.mp4)"
+    )
     p.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT (default: 1280x720)")
     p.add_argument("--model", help="model family when AVATAR is an agent code")
     _api_options(p)
@@ -174,12 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     _api_options(p)
     p.set_defaults(func=cmd_gestures)
 
-    p = sub.add_parser("serve", help="run the self-hosted avatar service (needs the 'service' extra)")
+    p = sub.add_parser(
+        "serve", help="run the self-hosted avatar service (needs the 'service' extra)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8089)
     p.add_argument("--max-workers", type=int, default=4, help="avatars rendering at once")
     p.add_argument("--key", help="the key clients must send (default: AVATARHUB_SERVICE_KEY)")
-    p.add_argument("--api-secret", help="bitHuman secret for model downloads (default: BITHUMAN_API_SECRET)")
+    p.add_argument(
+        "--api-secret", help="bitHuman secret for model downloads (default: BITHUMAN_API_SECRET)"
+    )
     p.set_defaults(func=cmd_serve)
 
     return parser
@@ -216,8 +231,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     async def run() -> int:
         from tqdm import tqdm
 
-        runtime = await create_runtime(args.avatar, api_secret=args.api_secret, model=args.model,
-                                       output_size=(width, height), realtime=False)
+        runtime = await create_runtime(
+            args.avatar,
+            api_secret=args.api_secret,
+            model=args.model,
+            output_size=(width, height),
+            realtime=False,
+        )
         bar = tqdm(desc="rendering", unit="frame", disable=None)
 
         def on_frame(done: int, total: int) -> None:
@@ -230,8 +250,10 @@ def cmd_render(args: argparse.Namespace) -> int:
         finally:
             bar.close()
             runtime.cleanup()
-        print(f"{result.path}: {result.frames} frames at {result.fps} FPS, "
-              f"{result.width}x{result.height}, {result.audio_seconds:.2f} s of audio")
+        print(
+            f"{result.path}: {result.frames} frames at {result.fps} FPS, "
+            f"{result.width}x{result.height}, {result.audio_seconds:.2f} s of audio"
+        )
         return 0
 
     return asyncio.run(run())
@@ -262,8 +284,10 @@ def cmd_agents_ls(args: argparse.Namespace) -> int:
             agents = await api.list_agents(status=args.status)
         print(f"{'CODE':<12} {'STATUS':<11} {'MODEL':<13} NAME")
         for a in agents:
-            print(f"{a.get('code') or a.get('agent_id', '?'):<12} {a.get('status', '?'):<11} "
-                  f"{a.get('model') or '?':<13} {a.get('name') or ''}")
+            print(
+                f"{a.get('code') or a.get('agent_id', '?'):<12} {a.get('status', '?'):<11} "
+                f"{a.get('model') or '?':<13} {a.get('name') or ''}"
+            )
         print(f"{len(agents)} agents")
         return 0
 
@@ -276,7 +300,10 @@ def cmd_agents_status(args: argparse.Namespace) -> int:
             status = await api.agent_status(args.agent_id)
         progress = status.get("progress")
         pct = f" {float(progress) * 100:.0f}%" if isinstance(progress, (int, float)) else ""
-        print(f"{args.agent_id}: {status.get('status', '?')}{pct} {status.get('progress_msg') or ''}".rstrip())
+        print(
+            f"{args.agent_id}: {status.get('status', '?')}{pct} "
+            f"{status.get('progress_msg') or ''}".rstrip()
+        )
         if status.get("error_message"):
             print(f"error: {status['error_message']}")
         return 1 if str(status.get("status")).lower() == "failed" else 0
@@ -288,8 +315,12 @@ def cmd_agents_generate(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _api(args) as api:
             started = await api.generate_agent(
-                prompt=args.prompt, image=args.image, audio=args.audio,
-                aspect_ratio=args.aspect_ratio, framing=args.framing, model=args.model,
+                prompt=args.prompt,
+                image=args.image,
+                audio=args.audio,
+                aspect_ratio=args.aspect_ratio,
+                framing=args.framing,
+                model=args.model,
                 idempotency_key=args.idempotency_key,
             )
             agent_id = str(started["agent_id"])
@@ -343,14 +374,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .service.app import serve
     except ImportError as err:
-        raise SystemExit(f"error: {err}; install the service extra: "
-                         "pip install 'livekit-plugins-avatarhub[service]'") from None
+        raise SystemExit(
+            f"error: {err}; install the service extra: "
+            "pip install 'livekit-plugins-avatarhub[service]'"
+        ) from None
     key = args.key or os.environ.get("AVATARHUB_SERVICE_KEY")
     if not key:
         raise SystemExit("error: set AVATARHUB_SERVICE_KEY (or --key): clients must authenticate")
     if args.max_workers < 1:
         raise SystemExit("error: --max-workers must be at least 1")
     secret = args.api_secret or os.environ.get("BITHUMAN_API_SECRET")
-    asyncio.run(serve(host=args.host, port=args.port, key=key, api_secret=secret,
-                      max_workers=args.max_workers))
+    asyncio.run(
+        serve(
+            host=args.host, port=args.port, key=key, api_secret=secret, max_workers=args.max_workers
+        )
+    )
     return 0

@@ -88,15 +88,35 @@ class DemoRuntime(PacedRuntime):
         fw, fh = self._face_axes
         u = self._u
         aa = cv2.LINE_AA
-        cv2.ellipse(base, (cx, cy + int(250 * u)), (int(260 * u), int(120 * u)), 0, 180, 360,
-                    (70, 110, 60), -1, aa)  # shoulders
-        cv2.ellipse(base, (cx, cy - int(40 * u)), (fw + int(15 * u), fh), 0, 180, 360,
-                    _HAIR, -1, aa)
+        cv2.ellipse(
+            base,
+            (cx, cy + int(250 * u)),
+            (int(260 * u), int(120 * u)),
+            0,
+            180,
+            360,
+            (70, 110, 60),
+            -1,
+            aa,
+        )  # shoulders
+        cv2.ellipse(
+            base, (cx, cy - int(40 * u)), (fw + int(15 * u), fh), 0, 180, 360, _HAIR, -1, aa
+        )
         cv2.ellipse(base, (cx, cy), (fw, fh), 0, 0, 360, _SKIN, -1, aa)
-        cv2.ellipse(base, (cx, cy - int(150 * u)), (fw, int(110 * u)), 0, 180, 360,
-                    _HAIR, -1, aa)  # fringe
-        cv2.ellipse(base, (cx, cy + int(40 * u)), (int(18 * u), int(40 * u)), 0, 0, 180,
-                    _SKIN_SHADE, max(1, int(4 * u)), aa)  # nose
+        cv2.ellipse(
+            base, (cx, cy - int(150 * u)), (fw, int(110 * u)), 0, 180, 360, _HAIR, -1, aa
+        )  # fringe
+        cv2.ellipse(
+            base,
+            (cx, cy + int(40 * u)),
+            (int(18 * u), int(40 * u)),
+            0,
+            0,
+            180,
+            _SKIN_SHADE,
+            max(1, int(4 * u)),
+            aa,
+        )  # nose
         self._base = base
         self._canvas = base.copy()
 
@@ -126,15 +146,35 @@ class DemoRuntime(PacedRuntime):
             ex, ey = cx + side * int(80 * u), cy - int(40 * u) + nod
             closed = blink or (action == "wink" and side == 1)
             wide = 1.3 if action == "surprised" else 1.0
-            cv2.line(canvas, (ex - int(40 * u), ey - int(55 * u) - brow_lift),
-                     (ex + int(40 * u), ey - int(60 * u) - brow_lift), _HAIR,
-                     max(1, int(9 * u)), aa)
+            cv2.line(
+                canvas,
+                (ex - int(40 * u), ey - int(55 * u) - brow_lift),
+                (ex + int(40 * u), ey - int(60 * u) - brow_lift),
+                _HAIR,
+                max(1, int(9 * u)),
+                aa,
+            )
             if closed:
-                cv2.line(canvas, (ex - int(34 * u), ey), (ex + int(34 * u), ey), _HAIR,
-                         max(1, int(5 * u)), aa)
+                cv2.line(
+                    canvas,
+                    (ex - int(34 * u), ey),
+                    (ex + int(34 * u), ey),
+                    _HAIR,
+                    max(1, int(5 * u)),
+                    aa,
+                )
             else:
-                cv2.ellipse(canvas, (ex, ey), (int(36 * u), int(24 * u * wide)), 0, 0, 360,
-                            _EYE_WHITE, -1, aa)
+                cv2.ellipse(
+                    canvas,
+                    (ex, ey),
+                    (int(36 * u), int(24 * u * wide)),
+                    0,
+                    0,
+                    360,
+                    _EYE_WHITE,
+                    -1,
+                    aa,
+                )
                 cv2.circle(canvas, (ex + drift, ey), int(15 * u), _IRIS, -1, aa)
                 cv2.circle(canvas, (ex + drift, ey), int(7 * u), (10, 10, 10), -1, aa)
 
@@ -144,21 +184,44 @@ class DemoRuntime(PacedRuntime):
         opening = int(45 * u * state.mouth)
         if opening >= max(2, int(3 * u)):
             cv2.ellipse(canvas, (mx, my), (half_width, opening), 0, 0, 360, _MOUTH, -1, aa)
-            cv2.ellipse(canvas, (mx, my + opening // 2), (half_width // 2, max(1, opening // 3)),
-                        0, 180, 360, _TONGUE, -1, aa)
-            cv2.ellipse(canvas, (mx, my), (half_width, opening), 0, 0, 360, _LIPS,
-                        max(1, int(5 * u)), aa)
+            cv2.ellipse(
+                canvas,
+                (mx, my + opening // 2),
+                (half_width // 2, max(1, opening // 3)),
+                0,
+                180,
+                360,
+                _TONGUE,
+                -1,
+                aa,
+            )
+            cv2.ellipse(
+                canvas, (mx, my), (half_width, opening), 0, 0, 360, _LIPS, max(1, int(5 * u)), aa
+            )
         else:
             curve = int(25 * u * smile) + max(1, int(4 * u))
-            cv2.ellipse(canvas, (mx, my - curve // 2), (half_width, curve), 0, 20, 160, _LIPS,
-                        max(1, int(6 * u)), aa)
+            cv2.ellipse(
+                canvas,
+                (mx, my - curve // 2),
+                (half_width, curve),
+                0,
+                20,
+                160,
+                _LIPS,
+                max(1, int(6 * u)),
+                aa,
+            )
 
         if action == "wave":
             swing = math.sin(p * 6 * math.pi) * 0.5
             base = (cx + int(330 * u), cy + int(230 * u))
             length = int(200 * u)
-            hand = (base[0] + int(length * math.sin(swing)), base[1] - int(length * math.cos(swing)))
+            hand = (
+                base[0] + int(length * math.sin(swing)),
+                base[1] - int(length * math.cos(swing)),
+            )
             cv2.line(canvas, base, hand, _SKIN_SHADE, max(1, int(34 * u)), aa)
             cv2.circle(canvas, hand, int(42 * u), _SKIN, -1, aa)
         # a copy per frame: the caller may keep a frame while the next one is drawn
-        return canvas.copy()
+        frame: np.ndarray = canvas.copy()
+        return frame

@@ -88,8 +88,11 @@ class _Interrupted(Exception):
 def _http_error(response: httpx.Response) -> APIStatusError:
     return APIStatusError(
         f"model storage answered HTTP {response.status_code}"
-        + (" (the download link may have expired; resolving again fetches a new one)"
-           if response.status_code in (401, 403) else ""),
+        + (
+            " (the download link may have expired; resolving again fetches a new one)"
+            if response.status_code in (401, 403)
+            else ""
+        ),
         status_code=response.status_code,
     )
 
@@ -176,8 +179,14 @@ async def _fetch(
                     await restart()
                 elif written and response.status_code == 206:
                     match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
-                    if not match or int(match.group(1)) != written or (
-                        total is not None and match.group(3) != "*" and int(match.group(3)) != total
+                    if (
+                        not match
+                        or int(match.group(1)) != written
+                        or (
+                            total is not None
+                            and match.group(3) != "*"
+                            and int(match.group(3)) != total
+                        )
                     ):
                         raise _Restart
                     logger.info("resuming the download at byte %d", written)
@@ -216,12 +225,18 @@ async def _fetch(
                     f"model download failed after {failures} attempts: {type(err).__name__}: {err}"
                 ) from None
             delay = retry.delay(failures - 1)
-            logger.info("model download interrupted at %d bytes (%s); retrying in %.1fs",
-                        written, type(err).__name__, delay)
+            logger.info(
+                "model download interrupted at %d bytes (%s); retrying in %.1fs",
+                written,
+                type(err).__name__,
+                delay,
+            )
             await asyncio.sleep(delay)
             continue
         if failures >= retry.attempts:
-            raise APIConnectionError(f"model download could not be restarted after {failures} tries")
+            raise APIConnectionError(
+                f"model download could not be restarted after {failures} tries"
+            )
 
 
 def _hash_all(hasher: hashlib._Hash, batch: list[bytes]) -> None:
@@ -257,8 +272,9 @@ async def probe(client: httpx.AsyncClient, url: str) -> RemoteFile:
         response = await client.head(url)
         if response.status_code < 400:
             length = response.headers.get("content-length")
-            return RemoteFile(int(length) if length and length.isdigit() else None,
-                              response.headers.get("etag"))
+            return RemoteFile(
+                int(length) if length and length.isdigit() else None, response.headers.get("etag")
+            )
         async with client.stream("GET", url, headers={"range": "bytes=0-0"}) as response:
             if response.status_code >= 400:
                 raise _http_error(response)
@@ -267,7 +283,11 @@ async def probe(client: httpx.AsyncClient, url: str) -> RemoteFile:
             if response.status_code == 206 and match and match.group(3) != "*":
                 return RemoteFile(int(match.group(3)), etag)
             length = response.headers.get("content-length")
-            return RemoteFile(int(length) if response.status_code == 200 and length and
-                              length.isdigit() else None, etag)
+            return RemoteFile(
+                int(length)
+                if response.status_code == 200 and length and length.isdigit()
+                else None,
+                etag,
+            )
     except httpx.TransportError as err:
         raise APIConnectionError(f"model storage unreachable: {type(err).__name__}") from None

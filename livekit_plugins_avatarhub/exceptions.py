@@ -6,11 +6,11 @@ Several also subclass a builtin so that generic handlers keep working::
     ├── ConfigurationError (ValueError)        bad or missing argument / environment variable
     │   ├── MissingSecretError                 no api_secret / BITHUMAN_API_SECRET
     │   ├── InvalidAvatarIdError               not ^[A-Z][A-Z0-9]{9}$
-    │   └── CloudOnlyError                     only bitHuman's cloud can render this (avatar_image, expression)
+    │   └── CloudOnlyError                     only bitHuman's cloud renders it (avatar_image, ...)
     ├── ModelFileError (FileNotFoundError)     model file missing or unreadable
     ├── NotCachedError (FileNotFoundError)     offline and the avatar was never pulled
     ├── RuntimeLoadError (RuntimeError)        the avatar runtime refused to start
-    ├── CacheError (OSError)                   the cache directory cannot be written (disk full, read-only)
+    ├── CacheError (OSError)                   the cache cannot be written (disk full, read-only)
     ├── LockTimeoutError (TimeoutError)        another process held the download lock too long
     ├── IntegrityError                         downloaded bytes do not match size / sha256
     ├── AgentGenerationFailedError             an agent build ended in ``failed``

@@ -12,8 +12,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import numpy as np
-from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd, VideoGenerator
+
+from livekit import rtc
 
 from ._compat import maybe_await
 from .exceptions import RuntimeLoadError
@@ -31,6 +32,7 @@ def _bgr_to_rgb_converter() -> Any:
     try:
         import cv2
     except ImportError:  # pragma: no cover - opencv is a dependency; keep a numpy path anyway
+
         def convert(src: np.ndarray, dst: np.ndarray) -> None:
             dst[..., 0] = src[..., 2]
             dst[..., 1] = src[..., 1]
@@ -73,7 +75,10 @@ class FrameConverter:
             self._warned_size = True
             logger.warning(
                 "runtime frame size %dx%d differs from the published %dx%d; resizing",
-                bgr.shape[1], bgr.shape[0], self.width, self.height,
+                bgr.shape[1],
+                bgr.shape[0],
+                self.width,
+                self.height,
             )
         return cv2.resize(bgr, (self.width, self.height), interpolation=cv2.INTER_AREA)
 
@@ -96,7 +101,9 @@ class RuntimeVideoGenerator(VideoGenerator):
     async def create(cls, runtime: AvatarRuntime) -> RuntimeVideoGenerator:
         first = await asyncio.to_thread(runtime.get_first_frame)
         if first is None or getattr(first, "ndim", 0) != 3:
-            raise RuntimeLoadError("the avatar runtime produced no first frame; is the model valid?")
+            raise RuntimeLoadError(
+                "the avatar runtime produced no first frame; is the model valid?"
+            )
         return cls(runtime, width=int(first.shape[1]), height=int(first.shape[0]))
 
     @property
@@ -119,9 +126,7 @@ class RuntimeVideoGenerator(VideoGenerator):
         if isinstance(frame, AudioSegmentEnd):
             await self._runtime.flush()
             return
-        await self._runtime.push_audio(
-            frame.data.tobytes(), frame.sample_rate, last_chunk=False
-        )
+        await self._runtime.push_audio(frame.data.tobytes(), frame.sample_rate, last_chunk=False)
 
     def clear_buffer(self) -> None:
         self._runtime.interrupt()

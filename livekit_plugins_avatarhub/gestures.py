@@ -179,7 +179,7 @@ class GestureTrigger:
             return action
         return None
 
-    def attach(self, session: AgentSession) -> Callable[[], None]:
+    def attach(self, session: AgentSession[Any]) -> Callable[[], None]:
         """Listen to ``session``'s final user transcripts and text input; returns a detach."""
 
         def on_transcript(event: Any) -> None:
@@ -229,5 +229,6 @@ class GestureTrigger:
             self._warned.add(action)
             logger.warning(
                 "the avatar has no gesture %r; it is ignored (available: %s)",
-                action, ", ".join(sorted(self.actions)) or "none",
+                action,
+                ", ".join(sorted(self.actions)) or "none",
             )

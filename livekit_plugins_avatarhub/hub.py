@@ -89,7 +89,9 @@ class ModelHub:
         self.offline = env_flag("AVATARHUB_OFFLINE") if offline is None else offline
         if fresh_for is None:
             raw = os.environ.get("AVATARHUB_FRESH_FOR")
-            fresh_for = float(raw) if raw and raw.replace(".", "", 1).isdigit() else DEFAULT_FRESH_FOR
+            fresh_for = (
+                float(raw) if raw and raw.replace(".", "", 1).isdigit() else DEFAULT_FRESH_FOR
+            )
         self.fresh_for = fresh_for
         self.lock_timeout = lock_timeout
         self.retry = retry or RetryPolicy()
@@ -153,7 +155,9 @@ class ModelHub:
         self, code: str, model: str | None, family: str | None, cached: Path | None
     ) -> Path:
         async with BithumanAPI(
-            api_secret=self._api_secret, api_base=self._api_base, timeout=self._timeout,
+            api_secret=self._api_secret,
+            api_base=self._api_base,
+            timeout=self._timeout,
             retry=self.retry,
         ) as api:
             if is_cloud_only(model):
@@ -177,14 +181,19 @@ class ModelHub:
             self.requests += 1
             logger.info("downloading avatar %s (%s) to %s", code, family or "default model", target)
             result = await download(
-                storage, info.url, target, sha256=info.sha256, retry=self.retry,
+                storage,
+                info.url,
+                target,
+                sha256=info.sha256,
+                retry=self.retry,
                 progress=self._progress or _log_progress(code),
             )
         await asyncio.to_thread(self._record, code, family, info, result)
         evicted = await asyncio.to_thread(self.cache.evict, max_cache_bytes(), keep=target)
         if evicted:
-            logger.info("evicted %d cached models to stay under BITHUMAN_AVATAR_CACHE_GB",
-                        len(evicted))
+            logger.info(
+                "evicted %d cached models to stay under BITHUMAN_AVATAR_CACHE_GB", len(evicted)
+            )
         if cached is not None and cached != target:
             logger.info("avatar %s now resolves to %s (was %s)", code, target.name, cached.name)
         return target
@@ -192,39 +201,43 @@ class ModelHub:
     async def _still_current(
         self, storage: httpx.AsyncClient, code: str, path: Path, info: ModelDownload
     ) -> bool:
-        record = self.cache.read_record(code, path.name)
+        record = await asyncio.to_thread(self.cache.read_record, code, path.name)
+        size = (await asyncio.to_thread(path.stat)).st_size
         current = False
         if info.sha256 and record is not None and record.sha256 == info.sha256:
-            current = path.stat().st_size == record.size if record.size is not None else True
+            current = record.size is None or size == record.size
         elif not info.sha256:
             self.requests += 1
             remote = await probe(storage, info.url)
-            size = path.stat().st_size
             same_size = remote.size is not None and remote.size == size
             same_tag = record is None or record.etag is None or remote.etag in (None, record.etag)
             current = same_size and same_tag
         if current:
             rec = record or ModelRecord(code, path.name)
             rec.validated_at = time.time()
-            rec.size = path.stat().st_size
+            rec.size = size
             await asyncio.to_thread(self.cache.write_record, rec)
         return current
 
-    def _record(self, code: str, family: str | None, info: ModelDownload, result: Downloaded) -> None:
+    def _record(
+        self, code: str, family: str | None, info: ModelDownload, result: Downloaded
+    ) -> None:
         now = time.time()
-        self.cache.write_record(ModelRecord(
-            code=code,
-            filename=result.path.name,
-            model=family,
-            size=result.size,
-            sha256=result.sha256,
-            etag=result.etag,
-            last_modified=result.last_modified,
-            source=public_location(info.url),
-            fetched_at=now,
-            validated_at=now,
-            last_used=now,
-        ))
+        self.cache.write_record(
+            ModelRecord(
+                code=code,
+                filename=result.path.name,
+                model=family,
+                size=result.size,
+                sha256=result.sha256,
+                etag=result.etag,
+                last_modified=result.last_modified,
+                source=public_location(info.url),
+                fetched_at=now,
+                validated_at=now,
+                last_used=now,
+            )
+        )
 
     async def _local_family_for(self, api: BithumanAPI, code: str, model: str) -> str:
         """Pick a downloadable family for an agent asked for as a cloud-only model."""
@@ -238,7 +251,10 @@ class ModelHub:
                 logger.warning(
                     "model %r renders only in bitHuman's cloud; avatar %s will render locally "
                     "as %s, a model it supports (supported: %s)",
-                    model, code, family, ", ".join(candidates),
+                    model,
+                    code,
+                    family,
+                    ", ".join(candidates),
                 )
                 return family
         raise CloudOnlyError(
@@ -286,7 +302,9 @@ class _locked:
         start = loop.time()
         while True:
             try:
-                await asyncio.to_thread(self._lock.acquire, timeout=min(self._notice, self._timeout))
+                await asyncio.to_thread(
+                    self._lock.acquire, timeout=min(self._notice, self._timeout)
+                )
                 return
             except FileLockTimeout:
                 waited = loop.time() - start
@@ -296,8 +314,11 @@ class _locked:
                         f"{self._code} ({self._lock.lock_file}); if no download is running, "
                         "delete that lock file"
                     ) from None
-                logger.info("still waiting for another process to download avatar %s (%.0fs)",
-                            self._code, waited)
+                logger.info(
+                    "still waiting for another process to download avatar %s (%.0fs)",
+                    self._code,
+                    waited,
+                )
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self._lock.release)

@@ -58,8 +58,10 @@ async def load_bithuman_runtime(
         if _compat.runtime_accepts_output_size():
             kwargs["output_size"] = output_size
         else:
-            logger.warning("bithuman %s renders at the model's own size; output_size is ignored",
-                           ".".join(map(str, _compat.BITHUMAN_VERSION)))
+            logger.warning(
+                "bithuman %s renders at the model's own size; output_size is ignored",
+                ".".join(map(str, _compat.BITHUMAN_VERSION)),
+            )
     secrets = (api_secret, api_token)
     try:
         runtime: AvatarRuntime = await cls.create(**kwargs)
@@ -76,17 +78,22 @@ async def load_bithuman_runtime(
         hint = ""
         if "expression" in message.lower() and "cloud" in message.lower():
             hint = f"; {CLOUD_PLUGIN_HINT}"
-        raise RuntimeLoadError(f"bitHuman runtime refused {model_path.name}: {name}: {message}{hint}") from None
+        raise RuntimeLoadError(
+            f"bitHuman runtime refused {model_path.name}: {name}: {message}{hint}"
+        ) from None
     except ValueError as err:
         message = scrub(str(err), *secrets)
         if "token or api_secret" in message:
             raise MissingSecretError(
-                "the bitHuman runtime needs an API secret: pass api_secret= or set BITHUMAN_API_SECRET"
+                "the bitHuman runtime needs an API secret: pass api_secret= or set "
+                "BITHUMAN_API_SECRET"
             ) from None
         raise RuntimeLoadError(f"bitHuman runtime refused {model_path.name}: {message}") from None
     except (RuntimeError, OSError) as err:
         message = scrub(str(err), *secrets)
-        network = any(w in message.lower() for w in ("curl", "resolve", "connect", "token", "network"))
+        network = any(
+            w in message.lower() for w in ("curl", "resolve", "connect", "token", "network")
+        )
         hint = ". It needs network access to bitHuman to authorise the secret" if network else ""
         raise RuntimeLoadError(
             f"bitHuman runtime could not start with {model_path.name}: {message}{hint}"
@@ -128,6 +135,9 @@ async def create_runtime(
     else:
         path = await asyncio.to_thread(check_model_file, model_path or avatar or "")
     return await load_bithuman_runtime(
-        path, api_secret=secret, api_token=env_or(api_token, "BITHUMAN_API_TOKEN"),
-        api_url=env_or(None, "BITHUMAN_API_URL"), output_size=output_size,
+        path,
+        api_secret=secret,
+        api_token=env_or(api_token, "BITHUMAN_API_TOKEN"),
+        api_url=env_or(None, "BITHUMAN_API_URL"),
+        output_size=output_size,
     )

@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import httpx
+
 from livekit import rtc
 
 from . import _compat
@@ -24,12 +25,21 @@ if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
 
-def livekit_credentials(url: str | None, key: str | None, secret: str | None) -> tuple[str, str, str]:
+def livekit_credentials(
+    url: str | None, key: str | None, secret: str | None
+) -> tuple[str, str, str]:
     url = url or os.environ.get("LIVEKIT_URL")
     key = key or os.environ.get("LIVEKIT_API_KEY")
     secret = secret or os.environ.get("LIVEKIT_API_SECRET")
-    missing = [name for name, v in (("LIVEKIT_URL", url), ("LIVEKIT_API_KEY", key),
-                                    ("LIVEKIT_API_SECRET", secret)) if not v]
+    missing = [
+        name
+        for name, v in (
+            ("LIVEKIT_URL", url),
+            ("LIVEKIT_API_KEY", key),
+            ("LIVEKIT_API_SECRET", secret),
+        )
+        if not v
+    ]
     if missing:
         raise ConfigurationError(
             f"mode='participant' mints a token for the avatar: set {', '.join(missing)} "
@@ -42,8 +52,9 @@ def livekit_credentials(url: str | None, key: str | None, secret: str | None) ->
 def avatar_token(
     *, api_key: str, api_secret: str, room: str, identity: str, name: str, on_behalf_of: str
 ) -> str:
-    from livekit import api
     from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+
+    from livekit import api
 
     return (
         api.AccessToken(api_key=api_key, api_secret=api_secret)
@@ -69,8 +80,13 @@ async def launch_avatar(
     timeout: float = 60.0,
 ) -> dict[str, Any]:
     """POST the launch request; retries transient failures, raises typed errors otherwise."""
-    body: dict[str, Any] = {"mode": "cpu", "agent_id": agent_id, "livekit_url": livekit_url,
-                            "livekit_token": livekit_token, "room_name": room_name}
+    body: dict[str, Any] = {
+        "mode": "cpu",
+        "agent_id": agent_id,
+        "livekit_url": livekit_url,
+        "livekit_token": livekit_token,
+        "room_name": room_name,
+    }
     if model:
         body["model"] = model
     headers = {"authorization": f"Bearer {service_key}"} if service_key else {}
@@ -94,7 +110,9 @@ async def launch_avatar(
         return await with_retries(once, retry, f"launch of avatar {agent_id}")
 
 
-async def leave(*, service_url: str, service_key: str | None, agent_id: str, room_name: str) -> None:
+async def leave(
+    *, service_url: str, service_key: str | None, agent_id: str, room_name: str
+) -> None:
     """Best effort: tell the service the avatar can go (LiveKit also removes the participant)."""
     headers = {"authorization": f"Bearer {service_key}"} if service_key else {}
     url = service_url.rstrip("/") + f"/v1/agents/{agent_id}/leave-room"
@@ -105,12 +123,13 @@ async def leave(*, service_url: str, service_key: str | None, agent_id: str, roo
         logger.debug("leave-room on the avatar service failed: %s", type(err).__name__)
 
 
-def route_audio_to(agent_session: AgentSession, room: rtc.Room, identity: str) -> None:
+def route_audio_to(agent_session: AgentSession[Any], room: rtc.Room, identity: str) -> None:
     from livekit.agents.voice.avatar import DataStreamAudioOutput
 
     try:  # wait_remote_track (1.1+): hold the audio until the avatar publishes video
-        sink = DataStreamAudioOutput(room, destination_identity=identity,
-                                     wait_remote_track=rtc.TrackKind.KIND_VIDEO)  # type: ignore[call-arg]
+        sink = DataStreamAudioOutput(
+            room, destination_identity=identity, wait_remote_track=rtc.TrackKind.KIND_VIDEO
+        )  # type: ignore[call-arg]
     except TypeError:  # livekit-agents 1.0
         sink = DataStreamAudioOutput(room, destination_identity=identity)
     _compat.replace_audio_output(agent_session, sink)

@@ -29,7 +29,7 @@ class VideoPublishOptions:
     max_bitrate: int | None = None
 
     def __post_init__(self) -> None:
-        if self.codec.upper() not in rtc.VideoCodec.keys():  # noqa: SIM118 - protobuf enum
+        if self.codec.upper() not in rtc.VideoCodec.keys():
             raise ValueError(f"unknown video codec {self.codec!r}")
         if self.max_fps is not None and self.max_fps <= 0:
             raise ValueError("max_fps must be positive")
@@ -79,3 +79,25 @@ class PublishingRoom:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._room, name)
+
+
+def avatar_runner(
+    room: Any, generator: Any, receiver: Any, video_options: VideoPublishOptions
+) -> Any:
+    """LiveKit's AvatarRunner over ``generator``, publishing video with ``video_options``."""
+    from typing import cast
+
+    from livekit.agents.voice.avatar import AvatarOptions, AvatarRunner
+
+    width, height = generator.video_resolution
+    options = AvatarOptions(
+        video_width=width,
+        video_height=height,
+        video_fps=generator.video_fps,
+        audio_sample_rate=generator.audio_sample_rate,
+        audio_channels=1,
+    )
+    publishing = PublishingRoom(room, video_options.track_options(generator.video_fps))
+    return AvatarRunner(
+        cast(rtc.Room, publishing), audio_recv=receiver, video_gen=generator, options=options
+    )

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from livekit import rtc
 from livekit.agents.voice.avatar import AudioSegmentEnd
+
+from livekit import rtc
 
 from .exceptions import ConfigurationError, ModelFileError
 from .generator import RuntimeVideoGenerator
@@ -66,7 +67,6 @@ async def render(
     on_frame: Callable[[int, int], None] | None = None,
 ) -> RenderResult:
     """Render ``audio`` through ``runtime`` into ``output`` (MP4). ``on_frame(done, total)``."""
-    import av
 
     generator = await RuntimeVideoGenerator.create(runtime)
     rate = generator.audio_sample_rate
@@ -79,8 +79,8 @@ async def render(
     per_frame = rate // fps
     expected_frames = -(-samples // per_frame)
 
-    output = output.expanduser()
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = await asyncio.to_thread(output.expanduser)
+    await asyncio.to_thread(output.parent.mkdir, parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.part")
     # all audio first: the runtime queues it, so no idle frame slips in before the speech
     chunk = rate * _PUSH_MS // 1000

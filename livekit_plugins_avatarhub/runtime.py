@@ -71,7 +71,8 @@ def resample_int16(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndar
         return samples
     n_out = max(1, round(samples.size * dst_rate / src_rate))
     positions = np.linspace(0, samples.size - 1, n_out)
-    return np.interp(positions, np.arange(samples.size), samples).astype(np.int16)
+    resampled: np.ndarray = np.interp(positions, np.arange(samples.size), samples).astype(np.int16)
+    return resampled
 
 
 class PacedRuntime:
@@ -130,7 +131,9 @@ class PacedRuntime:
 
     async def push(self, control: VideoControl) -> None:
         if control.action:
-            self._start_action(control.action, control.force_action)
+            # bithuman types action as str | list[str]; a list plays its first gesture
+            action = control.action if isinstance(control.action, str) else control.action[0]
+            self._start_action(action, control.force_action)
         if control.audio is not None:
             await self.push_audio(
                 control.audio.bytes, control.audio.sample_rate, control.audio.last_chunk
@@ -182,8 +185,9 @@ class PacedRuntime:
             image = await loop.run_in_executor(self._executor, self.render, state)
             chunk = None
             if samples is not None:
-                chunk = AudioChunk(data=samples, sample_rate=self.settings.INPUT_SAMPLE_RATE,
-                                   last_chunk=end)
+                chunk = AudioChunk(
+                    data=samples, sample_rate=self.settings.INPUT_SAMPLE_RATE, last_chunk=end
+                )
             yield VideoFrame(
                 bgr_image=image,
                 audio_chunk=chunk,
@@ -242,7 +246,7 @@ class PacedRuntime:
                     end = True
                     break
             else:
-                head.samples = head.samples[take.size:]
+                head.samples = head.samples[take.size :]
         if need and not end and not self._queue and self._message_id == message_id:
             # Starved mid-reply: put the partial frame back and wait for more audio, so
             # talking frames always carry exactly sample_rate / FPS samples.

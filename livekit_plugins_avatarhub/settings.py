@@ -92,7 +92,9 @@ def model_family(model: str | None) -> str | None:
         )
     family = _MODEL_FAMILIES[key]
     if family is None:
-        raise CloudOnlyError(f"model {model!r} renders only in bitHuman's cloud; {CLOUD_PLUGIN_HINT}")
+        raise CloudOnlyError(
+            f"model {model!r} renders only in bitHuman's cloud; {CLOUD_PLUGIN_HINT}"
+        )
     return family
 
 

@@ -82,8 +82,11 @@ class FakeBithumanService:
 
     def downloads(self) -> int:
         """Full-body GETs of model files (not probes)."""
-        return sum(1 for m, p, h in self.storage_requests
-                   if m == "GET" and h.get("range", "") != "bytes=0-0")
+        return sum(
+            1
+            for m, p, h in self.storage_requests
+            if m == "GET" and h.get("range", "") != "bytes=0-0"
+        )
 
     def start(self) -> FakeBithumanService:
         for server in (self._api, self._storage):
@@ -121,13 +124,19 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
             self.end_headers()
             self.wfile.write(data)
 
-        def _error(self, status: int, code: str | None, message: str = "error",
-                   headers: dict[str, str] | None = None) -> None:
+        def _error(
+            self,
+            status: int,
+            code: str | None,
+            message: str = "error",
+            headers: dict[str, str] | None = None,
+        ) -> None:
             error: dict[str, Any] = {"message": message, "httpStatus": status}
             if code:
                 error["code"] = code
-            self._send_json(status, {"error": error, "status": "error", "status_code": status},
-                            headers)
+            self._send_json(
+                status, {"error": error, "status": "error", "status_code": status}, headers
+            )
 
         def _record(self) -> None:
             entry = (self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
@@ -169,8 +178,14 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
             if method == "POST" and path == "/v1/agent/generate":
                 return self._generate(body)
             if method == "POST" and path == "/v1/dynamics/generate":
-                return self._send_json(200, {"success": True, "status": "processing",
-                                             "agent_id": (body or {}).get("agent_id")})
+                return self._send_json(
+                    200,
+                    {
+                        "success": True,
+                        "status": "processing",
+                        "agent_id": (body or {}).get("agent_id"),
+                    },
+                )
             if m := re.fullmatch(r"/v1/agent/([^/]+)/model/download", path):
                 return self._download_info(m.group(1), query)
             if m := re.fullmatch(r"/v1/agent/status/([^/]+)", path):
@@ -179,9 +194,18 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                 agent = service.agents.get(m.group(1))
                 if agent is None:
                     return self._error(404, "NOT_FOUND", "agent not found")
-                return self._send_json(200, {"success": True, "data": {
-                    "agent_id": agent.code, "status": "ready", "url": None,
-                    "gestures": agent.gestures}})
+                return self._send_json(
+                    200,
+                    {
+                        "success": True,
+                        "data": {
+                            "agent_id": agent.code,
+                            "status": "ready",
+                            "url": None,
+                            "gestures": agent.gestures,
+                        },
+                    },
+                )
             if m := re.fullmatch(r"/v1/agent/([^/]+)", path):
                 agent = service.agents.get(m.group(1))
                 if agent is None:
@@ -211,9 +235,13 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                 return self._error(409, "MODEL_NOT_GENERATED", f"no {family} model")
             data = agent.files[family]
             filename = f"{code}.lebundle.imx" if family == "essence-2" else f"{code}.imx"
-            payload = {"code": code, "model": family, "filename": filename,
-                       "url": f"{service.storage_base}/files/{code}/{family}?X-Signature=s3cr3tsig",
-                       "expires_in": service.expires_in}
+            payload = {
+                "code": code,
+                "model": family,
+                "filename": filename,
+                "url": f"{service.storage_base}/files/{code}/{family}?X-Signature=s3cr3tsig",
+                "expires_in": service.expires_in,
+            }
             if agent.send_sha256:
                 payload["sha256"] = _digest(data, "sha256")
             self._send_json(200, {"success": True, "data": payload})
@@ -226,8 +254,12 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                     if key and previous["key"] == key:
                         return self._send_json(200, previous["answer"])
                 agent_id = f"A{len(service.generated):09d}"
-                answer = {"success": True, "message": "started", "agent_id": agent_id,
-                          "status": "processing"}
+                answer = {
+                    "success": True,
+                    "message": "started",
+                    "agent_id": agent_id,
+                    "status": "processing",
+                }
                 service.generated.append({"key": key, "body": body, "answer": answer})
             self._send_json(200, answer)
 
@@ -244,13 +276,25 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
             offset = int(query.get("offset", 0))
             if not 1 <= limit <= 100:
                 return self._error(400, "VALIDATION_ERROR", "limit must be 1..100")
-            agents = [a for a in service.agents.values()
-                      if not query.get("status") or a.status == query["status"]]
+            agents = [
+                a
+                for a in service.agents.values()
+                if not query.get("status") or a.status == query["status"]
+            ]
             page = agents[offset : offset + limit]
-            self._send_json(200, {"success": True, "data": [_agent_json(a) for a in page],
-                                  "pagination": {"limit": limit, "offset": offset,
-                                                 "total": len(agents),
-                                                 "has_more": offset + limit < len(agents)}})
+            self._send_json(
+                200,
+                {
+                    "success": True,
+                    "data": [_agent_json(a) for a in page],
+                    "pagination": {
+                        "limit": limit,
+                        "offset": offset,
+                        "total": len(agents),
+                        "has_more": offset + limit < len(agents),
+                    },
+                },
+            )
 
         # -- storage ------------------------------------------------------------------------
 
@@ -265,7 +309,9 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                 return
             etag = '"' + _digest(data, "md5") + '"'
             with service.lock:
-                fault = service.storage_faults.pop(0) if service.storage_faults and not head else None
+                fault = (
+                    service.storage_faults.pop(0) if service.storage_faults and not head else None
+                )
             if head and service.refuse_head:
                 self.send_response(403)
                 self.send_header("content-length", "0")
@@ -300,7 +346,9 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
             self.send_header("etag", etag)
             self.send_header("accept-ranges", "bytes")
             if status == 206:
-                self.send_header("content-range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
+                self.send_header(
+                    "content-range", f"bytes {start}-{start + len(body) - 1}/{len(data)}"
+                )
             self.end_headers()
             if head:
                 return
@@ -337,10 +385,18 @@ def _digest(data: bytes, algorithm: str) -> str:
 
 
 def _agent_json(agent: Agent) -> dict[str, Any]:
-    return {"code": agent.code, "agent_id": agent.code, "name": agent.name, "model": agent.model,
-            "supported_models": agent.supported_models, "status": agent.status,
-            "model_url": None, "image_url": None, "video_url": None,
-            "dynamics": bool(agent.gestures)}
+    return {
+        "code": agent.code,
+        "agent_id": agent.code,
+        "name": agent.name,
+        "model": agent.model,
+        "supported_models": agent.supported_models,
+        "status": agent.status,
+        "model_url": None,
+        "image_url": None,
+        "video_url": None,
+        "dynamics": bool(agent.gestures),
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use

@@ -7,12 +7,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakes import FakeBithuman, write_fake_model  # noqa: E402
+from fakes import FakeBithuman, write_fake_model
 
 _ENV = [
-    "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY", "BITHUMAN_API_TOKEN", "BITHUMAN_MODEL_PATH",
-    "BITHUMAN_AVATAR_ID", "BITHUMAN_API_URL", "BITHUMAN_API_BASE", "BITHUMAN_AVATAR_CACHE_GB",
-    "AVATARHUB_OFFLINE", "LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET",
+    "BITHUMAN_API_SECRET",
+    "BITHUMAN_API_KEY",
+    "BITHUMAN_API_TOKEN",
+    "BITHUMAN_MODEL_PATH",
+    "BITHUMAN_AVATAR_ID",
+    "BITHUMAN_API_URL",
+    "BITHUMAN_API_BASE",
+    "BITHUMAN_AVATAR_CACHE_GB",
+    "AVATARHUB_OFFLINE",
+    "LIVEKIT_URL",
+    "LIVEKIT_API_KEY",
+    "LIVEKIT_API_SECRET",
 ]
 
 SECRET = "sk-test-0123456789abcdef"

@@ -20,8 +20,8 @@ from typing import Any
 
 import bithuman
 import numpy as np
-from livekit import rtc
 
+from livekit import rtc
 from livekit_plugins_avatarhub.runtime import FrameState, PacedRuntime
 
 FAKE_MODEL_MAGIC = b"IMX\x00fake-model"
@@ -34,7 +34,7 @@ def _native_size(path: str) -> tuple[int, int]:
         head = f.read(len(FAKE_MODEL_MAGIC) + 4)
     if len(head) < len(FAKE_MODEL_MAGIC) + 4:
         return (1280, 720)
-    width, height = struct.unpack("<HH", head[len(FAKE_MODEL_MAGIC):])
+    width, height = struct.unpack("<HH", head[len(FAKE_MODEL_MAGIC) :])
     return width, height
 
 
@@ -43,8 +43,9 @@ def _has_magic(path: str) -> bool:
         return f.read(len(FAKE_MODEL_MAGIC)) == FAKE_MODEL_MAGIC
 
 
-def fake_model_bytes(seed: bytes = b"", size: int = 4096,
-                     frame_size: tuple[int, int] = (160, 120)) -> bytes:
+def fake_model_bytes(
+    seed: bytes = b"", size: int = 4096, frame_size: tuple[int, int] = (160, 120)
+) -> bytes:
     """Bytes the double accepts as a model; like an .imx they carry their own frame size."""
     head = FAKE_MODEL_MAGIC + struct.pack("<HH", *frame_size)
     block = hashlib.sha256(seed).digest() * 64
@@ -52,8 +53,12 @@ def fake_model_bytes(seed: bytes = b"", size: int = 4096,
     return body[: max(size, len(head))]
 
 
-def write_fake_model(path: os.PathLike[str] | str, seed: bytes = b"", size: int = 4096,
-                     frame_size: tuple[int, int] = (160, 120)) -> str:
+def write_fake_model(
+    path: os.PathLike[str] | str,
+    seed: bytes = b"",
+    size: int = 4096,
+    frame_size: tuple[int, int] = (160, 120),
+) -> str:
     data = fake_model_bytes(seed, size, frame_size)
     with open(path, "wb") as f:
         f.write(data)
@@ -109,15 +114,20 @@ class FakeBithuman(PacedRuntime):
             raise ValueError("model_path is required")
         if not os.path.exists(model_path):
             raise bithuman.ModelNotFoundError(f"Model file not found: {model_path}")
-        secret = api_secret or os.environ.get("BITHUMAN_API_SECRET") or os.environ.get("BITHUMAN_API_KEY")
+        secret = (
+            api_secret
+            or os.environ.get("BITHUMAN_API_SECRET")
+            or os.environ.get("BITHUMAN_API_KEY")
+        )
         if not secret:
             raise bithuman.BithumanError("api_secret is required (token= alone is not accepted)")
         if not cls.auth_reachable:
             raise RuntimeError("curl: (6) Could not resolve host: auth.api.bithuman.ai")
         if not _has_magic(model_path):
             raise bithuman.ModelLoadError(f"Failed to load model: {model_path} is not an IMX model")
-        return cls._made(model_path, output_size, api_secret=api_secret, token=token,
-                         api_url=api_url)
+        return cls._made(
+            model_path, output_size, api_secret=api_secret, token=token, api_url=api_url
+        )
 
     @classmethod
     async def _create_0_8(
@@ -146,8 +156,13 @@ class FakeBithuman(PacedRuntime):
         if not _has_magic(model_path):
             raise RuntimeError(f"Failed to load model data from {model_path}")
         # 0.8.1 has no output_size: it renders at the model's own size
-        return cls._made(model_path, _native_size(model_path), api_secret=api_secret, token=token,
-                         api_url=api_url)
+        return cls._made(
+            model_path,
+            _native_size(model_path),
+            api_secret=api_secret,
+            token=token,
+            api_url=api_url,
+        )
 
     @classmethod
     def _made(cls, model_path: str, output_size: tuple[int, int], **kwargs: Any) -> FakeBithuman:
@@ -210,6 +225,7 @@ class FakeLocalParticipant:
 
     def register_rpc_method(self, method: str, handler: Any = None) -> Any:
         if handler is None:
+
             def decorator(fn: Any) -> Any:
                 self.rpc_methods[method] = fn
                 return fn
@@ -225,16 +241,25 @@ class FakeLocalParticipant:
     def _rpc_handlers(self) -> dict[str, Any]:  # read by DataStreamAudioReceiver
         return self.rpc_methods
 
-    async def perform_rpc(self, *, destination_identity: str, method: str, payload: str,
-                          response_timeout: float | None = None) -> str:
+    async def perform_rpc(
+        self,
+        *,
+        destination_identity: str,
+        method: str,
+        payload: str,
+        response_timeout: float | None = None,
+    ) -> str:
         self.room.rpc_calls.append((destination_identity, method, payload))
         return ""
 
     async def invoke(self, method: str, payload: str, caller: str = "agent-1") -> Any:
         """Deliver an RPC from ``caller`` to a handler registered here."""
         handler = self.rpc_methods[method]
-        result = handler(rtc.RpcInvocationData(request_id="req", caller_identity=caller,
-                                               payload=payload, response_timeout=5.0))
+        result = handler(
+            rtc.RpcInvocationData(
+                request_id="req", caller_identity=caller, payload=payload, response_timeout=5.0
+            )
+        )
         return await result if asyncio.iscoroutine(result) else result
 
     async def publish_track(self, track: Any, options: Any = None) -> FakePublication:
@@ -312,19 +337,23 @@ class FakeRoom(rtc.EventEmitter[str]):
     def unregister_byte_stream_handler(self, topic: str) -> None:
         self.byte_stream_handlers.pop(topic, None)
 
-    def join(self, identity: str, kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT) -> FakeRemoteParticipant:
+    def join(
+        self, identity: str, kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    ) -> FakeRemoteParticipant:
         participant = FakeRemoteParticipant(identity, kind)
         self.remote_participants[identity] = participant
         self.emit("participant_connected", participant)
         self.emit("participant_active", participant)  # what livekit-agents 1.8 waits for
         return participant
 
-    def send_audio_stream(self, sender: str, pcm: bytes, sample_rate: int = 16000,
-                          chunk_bytes: int = 3200) -> None:
+    def send_audio_stream(
+        self, sender: str, pcm: bytes, sample_rate: int = 16000, chunk_bytes: int = 3200
+    ) -> None:
         """What DataStreamAudioOutput sends: one byte stream per speech segment."""
         chunks = [pcm[i : i + chunk_bytes] for i in range(0, len(pcm), chunk_bytes)]
-        reader = FakeByteStreamReader("lk.audio_stream",
-                                      {"sample_rate": str(sample_rate), "num_channels": "1"}, chunks)
+        reader = FakeByteStreamReader(
+            "lk.audio_stream", {"sample_rate": str(sample_rate), "num_channels": "1"}, chunks
+        )
         self.byte_stream_handlers["lk.audio_stream"](reader, sender)
 
     async def wait_published(self, kind: Any, timeout: float = 10.0) -> FakePublication:
@@ -336,8 +365,14 @@ class FakeRoom(rtc.EventEmitter[str]):
         return await asyncio.wait_for(poll(), timeout)
 
 
-async def sine_frames(seconds: float, *, sample_rate: int = 16000, freq: float = 220.0,
-                      amplitude: float = 0.5, chunk_ms: int = 20):
+async def sine_frames(
+    seconds: float,
+    *,
+    sample_rate: int = 16000,
+    freq: float = 220.0,
+    amplitude: float = 0.5,
+    chunk_ms: int = 20,
+):
     """Speech stand-in: a loud tone as rtc.AudioFrames, produced faster than real time."""
     n = int(sample_rate * chunk_ms / 1000)
     total = int(seconds * sample_rate)

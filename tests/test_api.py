@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from bithuman_server import SECRET, FakeBithumanService
 from livekit_plugins_avatarhub import BithumanAPI, MissingSecretError, RetryPolicy
 from livekit_plugins_avatarhub.exceptions import (
     AgentGenerationFailedError,
@@ -13,6 +12,8 @@ from livekit_plugins_avatarhub.exceptions import (
     InsufficientBalanceError,
     ServiceUnavailableError,
 )
+
+from bithuman_server import SECRET, FakeBithumanService
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
 
@@ -51,22 +52,35 @@ async def test_list_follows_every_page(service, api):
 
 async def test_generate_sends_one_idempotency_key_across_retries(service, api):
     service.api_faults = [(503, None, {})]  # the first attempt's answer is lost
-    started = await api.generate_agent(prompt="a friendly robot", image="https://x.example/a.png",
-                                       aspect_ratio="16:9")
+    started = await api.generate_agent(
+        prompt="a friendly robot", image="https://x.example/a.png", aspect_ratio="16:9"
+    )
     assert started["agent_id"] and started["status"] == "processing"
     keys = service.idempotency_keys
     assert len(keys) == 1 and keys[0]  # the 503 was injected before the handler ran
-    first = [h.get("idempotency-key") for m, p, h in service.api_requests if p == "/v1/agent/generate"]
+    first = [
+        h.get("idempotency-key") for m, p, h in service.api_requests if p == "/v1/agent/generate"
+    ]
     assert len(first) == 2 and first[0] == first[1]
     assert len(service.generated) == 1
-    assert service.generated[0]["body"] == {"prompt": "a friendly robot",
-                                            "image": "https://x.example/a.png", "aspect_ratio": "16:9"}
+    assert service.generated[0]["body"] == {
+        "prompt": "a friendly robot",
+        "image": "https://x.example/a.png",
+        "aspect_ratio": "16:9",
+    }
     again = await api.generate_agent(prompt="a friendly robot", idempotency_key=first[0])
     assert again["agent_id"] == started["agent_id"] and len(service.generated) == 1
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"prompt": "x", "aspect_ratio": "4:3"},
-                                    {"prompt": "x", "framing": "close"}, {"image": "file:///etc/passwd"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"prompt": "x", "aspect_ratio": "4:3"},
+        {"prompt": "x", "framing": "close"},
+        {"image": "file:///etc/passwd"},
+    ],
+)
 async def test_generate_validates_before_sending(service, api, kwargs):
     with pytest.raises(ConfigurationError):
         await api.generate_agent(**kwargs)
@@ -87,8 +101,9 @@ async def test_wait_until_ready_reports_progress(service, api):
         {"status": "ready", "progress": 1.0, "supported_models": ["essence-1"]},
     ]
     seen = []
-    status = await api.wait_until_ready("A000000000", interval=0.01,
-                                        on_progress=lambda f, m: seen.append((f, m)))
+    status = await api.wait_until_ready(
+        "A000000000", interval=0.01, on_progress=lambda f, m: seen.append((f, m))
+    )
     assert status["status"] == "ready"
     assert seen == [(0.1, "queued"), (0.6, "rendering"), (1.0, "ready")]
 
@@ -109,10 +124,14 @@ async def test_wait_until_ready_times_out(service, api):
 
 
 async def test_gestures_and_dynamics_generation(service, api):
-    service.add_agent("A91XMB7113", gestures={"mini_wave_hello": "https://v/1.mp4",
-                                               "laugh_react": "https://v/2.mp4"})
-    assert await api.gestures("A91XMB7113") == {"mini_wave_hello": "https://v/1.mp4",
-                                                "laugh_react": "https://v/2.mp4"}
+    service.add_agent(
+        "A91XMB7113",
+        gestures={"mini_wave_hello": "https://v/1.mp4", "laugh_react": "https://v/2.mp4"},
+    )
+    assert await api.gestures("A91XMB7113") == {
+        "mini_wave_hello": "https://v/1.mp4",
+        "laugh_react": "https://v/2.mp4",
+    }
     answer = await api.generate_dynamics("A91XMB7113", duration=5)
     assert answer["status"] == "processing"
 

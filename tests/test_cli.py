@@ -9,8 +9,9 @@ import threading
 
 import pytest
 
-from bithuman_server import SECRET, FakeBithumanService
 from livekit_plugins_avatarhub.cli import main
+
+from bithuman_server import SECRET, FakeBithumanService
 
 CODE = "A91XMB7113"
 
@@ -82,7 +83,10 @@ def test_pull_shows_a_progress_bar_on_a_terminal(service, clean_env):
     reader.start()
     proc = subprocess.run(
         [sys.executable, "-m", "livekit_plugins_avatarhub", "pull", CODE],
-        stdout=subprocess.PIPE, stderr=follower, env=os.environ.copy(), timeout=120,
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=os.environ.copy(),
+        timeout=120,
     )
     os.close(follower)
     reader.join(10)
@@ -92,8 +96,12 @@ def test_pull_shows_a_progress_bar_on_a_terminal(service, clean_env):
 
 
 def test_module_help_lists_the_commands():
-    out = subprocess.run([sys.executable, "-m", "livekit_plugins_avatarhub", "--help"],
-                         capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "livekit_plugins_avatarhub", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     for command in ("pull", "ls", "rm", "prune"):
         assert command in out
 
@@ -130,9 +138,13 @@ def test_agents_commands(service, capsys, monkeypatch):
 
 
 def test_gestures_command(service, capsys):
-    service.add_agent(CODE, gestures={"laugh_react": "https://v/l.mp4", "mini_wave_hello": "https://v/w.mp4"})
+    service.add_agent(
+        CODE, gestures={"laugh_react": "https://v/l.mp4", "mini_wave_hello": "https://v/w.mp4"}
+    )
     assert main(["gestures", CODE]) == 0
-    assert capsys.readouterr().out.splitlines() == ["laugh_react\thttps://v/l.mp4",
-                                                    "mini_wave_hello\thttps://v/w.mp4"]
+    assert capsys.readouterr().out.splitlines() == [
+        "laugh_react\thttps://v/l.mp4",
+        "mini_wave_hello\thttps://v/w.mp4",
+    ]
     assert main(["gestures", "demo"]) == 0
     assert "wave" in capsys.readouterr().out.split()

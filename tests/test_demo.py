@@ -11,14 +11,15 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from livekit import rtc
 
-from fakes import sine_frames
+from livekit import rtc
 from livekit_plugins_avatarhub import AvatarSession, VideoControl
 from livekit_plugins_avatarhub.cli import main
 from livekit_plugins_avatarhub.demo import DemoRuntime
 from livekit_plugins_avatarhub.render import SAMPLE_AUDIO
 from livekit_plugins_avatarhub.runtime import FrameState
+
+from fakes import sine_frames
 from test_session_pipeline import running
 
 W, H = 320, 240
@@ -51,9 +52,15 @@ def probe(path: Path) -> dict:
     with av.open(str(path)) as c:
         v, a = c.streams.video[0], c.streams.audio[0]
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-        return {"video_codec": v.codec_context.name, "audio_codec": a.codec_context.name,
-                "fps": float(v.average_rate), "size": (v.width, v.height), "frames": frames,
-                "audio_rate": a.rate, "video_seconds": float(v.duration * v.time_base)}
+        return {
+            "video_codec": v.codec_context.name,
+            "audio_codec": a.codec_context.name,
+            "fps": float(v.average_rate),
+            "size": (v.width, v.height),
+            "frames": frames,
+            "audio_rate": a.rate,
+            "video_seconds": float(v.duration * v.time_base),
+        }
 
 
 def test_sample_audio_is_shipped():
@@ -146,8 +153,9 @@ async def test_demo_session_publishes_every_sample_at_25_fps():
     span = capture.video[-1][0] - capture.video[0][0]
     assert 22 <= (len(capture.video) - 1) / span <= 28
     pcm = np.concatenate([np.frombuffer(f.data, np.int16) for f in capture.audio])
-    expected = np.concatenate([np.frombuffer(f.data, np.int16).copy()
-                               async for f in sine_frames(2.0)])
+    expected = np.concatenate(
+        [np.frombuffer(f.data, np.int16).copy() async for f in sine_frames(2.0)]
+    )
     # align on the first non-zero sample of each (a sine starts at exactly zero)
     start = int(np.argmax(pcm != 0)) - int(np.argmax(expected != 0))
     got = pcm[start : start + expected.size]
@@ -169,7 +177,9 @@ async def test_interrupt_closes_the_demo_mouth_within_a_few_frames():
         runtime = avatar.runtime
 
     def openness(frame: rtc.VideoFrame) -> float:
-        rgb = np.frombuffer(frame.convert(rtc.VideoBufferType.RGB24).data, np.uint8).reshape(H, W, 3)
+        rgb = np.frombuffer(frame.convert(rtc.VideoBufferType.RGB24).data, np.uint8).reshape(
+            H, W, 3
+        )
         return mouth_openness(rgb, runtime)
 
     after = [openness(f) for t, f in capture.video if t > at]

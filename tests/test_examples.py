@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from livekit import rtc
 from livekit.agents import AgentSession
+
+from livekit import rtc
 
 from fakes import FakeJobContext, sine_frames
 
@@ -81,8 +82,12 @@ def job(monkeypatch):
         def current(*args, **kwargs):
             return ctx
 
-        monkeypatch.setattr(sys.modules[_compat.AvatarSessionBase.__module__],
-                            "get_job_context", current, raising=False)
+        monkeypatch.setattr(
+            sys.modules[_compat.AvatarSessionBase.__module__],
+            "get_job_context",
+            current,
+            raising=False,
+        )
         monkeypatch.setattr(livekit.agents, "get_job_context", current)
         return ctx
 
@@ -123,8 +128,9 @@ async def test_agent_with_dynamics_example_gestures_on_keywords():
     await module.entrypoint(ctx)
     gestures = ctx.proc.userdata["gestures"]
     assert "wave" in gestures.actions
-    sessions[0].emit("user_input_transcribed",
-                     UserInputTranscribedEvent(transcript="Hello!", is_final=True))
+    sessions[0].emit(
+        "user_input_transcribed", UserInputTranscribedEvent(transcript="Hello!", is_final=True)
+    )
     await asyncio.sleep(0.1)
     runtime = gestures._runtime()
     assert runtime._action is not None and runtime._action[0] == "wave"
@@ -134,10 +140,14 @@ async def test_agent_with_dynamics_example_gestures_on_keywords():
 
 @pytest.mark.parametrize("name", ["cloud_style", "self_hosted", "agent_with_dynamics"])
 def test_examples_name_the_missing_variables(name):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LIVEKIT_", "BITHUMAN_"))}
-    result = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "dev"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEKIT_", "BITHUMAN_"))}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "dev"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "LIVEKIT_URL" in result.stderr and "BITHUMAN_" in result.stderr
     assert "Traceback" not in result.stderr

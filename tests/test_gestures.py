@@ -8,10 +8,11 @@ import logging
 import pytest
 from livekit.agents import Agent, AgentSession
 
-from bithuman_server import SECRET, FakeBithumanService
-from fakes import FakeRoom
 from livekit_plugins_avatarhub import AvatarSession
 from livekit_plugins_avatarhub.gestures import GestureTrigger, default_keywords
+
+from bithuman_server import SECRET, FakeBithumanService
+from fakes import FakeRoom
 
 ACTIONS = ["mini_wave_hello", "talk_head_nod_subtle", "blow_kiss_heart", "laugh_react"]
 
@@ -119,10 +120,15 @@ async def test_attached_to_a_session_with_the_demo_avatar():
     try:
         from livekit.agents.voice.events import UserInputTranscribedEvent
 
-        session.emit("user_input_transcribed", UserInputTranscribedEvent(transcript="hel", is_final=False))
+        session.emit(
+            "user_input_transcribed", UserInputTranscribedEvent(transcript="hel", is_final=False)
+        )
         await asyncio.sleep(0.05)
         assert avatar.runtime._action is None  # interim transcripts are ignored
-        session.emit("user_input_transcribed", UserInputTranscribedEvent(transcript="Hello there!", is_final=True))
+        session.emit(
+            "user_input_transcribed",
+            UserInputTranscribedEvent(transcript="Hello there!", is_final=True),
+        )
         await asyncio.sleep(0.05)
         assert avatar.runtime._action is not None and avatar.runtime._action[0] == "wave"
         # typed text (and every committed user turn) arrives as a user chat item
@@ -142,9 +148,13 @@ async def test_attached_to_a_session_with_the_demo_avatar():
             await original(control)
 
         avatar.runtime.push = spy
-        session.emit("user_input_transcribed", UserInputTranscribedEvent(transcript="Wow!", is_final=True))
-        session.emit("conversation_item_added", ConversationItemAddedEvent(
-            item=ChatMessage(role="user", content=["Wow!"])))
+        session.emit(
+            "user_input_transcribed", UserInputTranscribedEvent(transcript="Wow!", is_final=True)
+        )
+        session.emit(
+            "conversation_item_added",
+            ConversationItemAddedEvent(item=ChatMessage(role="user", content=["Wow!"])),
+        )
         await asyncio.sleep(0.05)
         assert pushed == ["surprised"]
     finally:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from bithuman_server import SECRET, FakeBithumanService
 from livekit_plugins_avatarhub import (
     APIStatusError,
     AuthenticationError,
@@ -31,6 +30,8 @@ from livekit_plugins_avatarhub.cache import ModelCache
 from livekit_plugins_avatarhub.download import check_download_url
 from livekit_plugins_avatarhub.exceptions import APIError, InvalidAvatarIdError
 from livekit_plugins_avatarhub.hub import ModelHub, prefetch, safe_filename
+
+from bithuman_server import SECRET, FakeBithumanService
 
 CODE = "A91XMB7113"
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
@@ -86,7 +87,9 @@ async def test_secret_goes_to_the_api_host_only(service, caplog):
     await make_hub(service).resolve(CODE)
     assert all(h.get("api-secret") == SECRET for _, _, h in service.api_requests)
     assert service.storage_requests
-    assert not any("api-secret" in h or SECRET in json.dumps(h) for _, _, h in service.storage_requests)
+    assert not any(
+        "api-secret" in h or SECRET in json.dumps(h) for _, _, h in service.storage_requests
+    )
     assert SECRET not in caplog.text
 
 
@@ -181,8 +184,16 @@ async def test_4xx_is_never_retried(service):
 @pytest.mark.parametrize(
     ("setup", "error", "words"),
     [
-        ({"download_error": (404, "MODEL_ARTIFACT_NOT_READY")}, ModelNotReadyError, "still being built"),
-        ({"download_error": (409, "MODEL_NOT_GENERATED")}, ModelNotDownloadableError, "livekit.plugins import bithuman"),
+        (
+            {"download_error": (404, "MODEL_ARTIFACT_NOT_READY")},
+            ModelNotReadyError,
+            "still being built",
+        ),
+        (
+            {"download_error": (409, "MODEL_NOT_GENERATED")},
+            ModelNotDownloadableError,
+            "livekit.plugins import bithuman",
+        ),
         ({"download_error": (400, "MODEL_NOT_DOWNLOADABLE")}, ModelNotDownloadableError, "cloud"),
         ({"download_error": (402, "INSUFFICIENT_BALANCE")}, APIStatusError, "credits"),
         ({"download_error": (429, "RATE_LIMITED")}, RateLimitedError, "slow down"),
@@ -210,8 +221,12 @@ async def test_malformed_id_is_refused_before_any_request(service):
 
 
 async def test_expression_falls_back_to_a_downloadable_family(service, caplog):
-    agent = service.add_agent(CODE, model="expression-1", supported_models=["expression-1", "expression-2"],
-                              files={"expression-2": b"IMX\x00fake-model" + b"x" * 1000})
+    agent = service.add_agent(
+        CODE,
+        model="expression-1",
+        supported_models=["expression-1", "expression-2"],
+        files={"expression-2": b"IMX\x00fake-model" + b"x" * 1000},
+    )
     caplog.set_level(logging.WARNING)
     path = await make_hub(service).resolve(CODE, model="expression")
     assert path.read_bytes() == agent.files["expression-2"]
@@ -223,7 +238,9 @@ async def test_expression_falls_back_to_a_downloadable_family(service, caplog):
 
 
 async def test_cloud_only_avatar_names_the_cloud_plugin(service):
-    service.add_agent(CODE, model="expression-1", supported_models=["expression-1"], files={"x": b""})
+    service.add_agent(
+        CODE, model="expression-1", supported_models=["expression-1"], files={"x": b""}
+    )
     with pytest.raises(CloudOnlyError, match="livekit-plugins-bithuman"):
         await make_hub(service).resolve(CODE, model="expression")
 
@@ -306,14 +323,21 @@ def test_safe_filenames():
     assert safe_filename("", CODE, None) == f"{CODE}.imx"
 
 
-@pytest.mark.parametrize("url", ["http://example.com/m.imx", "ftp://127.0.0.1/m.imx", "file:///etc/passwd"])
+@pytest.mark.parametrize(
+    "url", ["http://example.com/m.imx", "ftp://127.0.0.1/m.imx", "file:///etc/passwd"]
+)
 def test_download_urls_must_be_https(url):
     with pytest.raises(APIError, match="only https"):
         check_download_url(url)
 
 
 def test_loopback_http_is_allowed():
-    for url in ("http://127.0.0.1:8000/x", "http://localhost/x", "http://[::1]:9/x", "https://s3.example/x"):
+    for url in (
+        "http://127.0.0.1:8000/x",
+        "http://localhost/x",
+        "http://[::1]:9/x",
+        "https://s3.example/x",
+    ):
         check_download_url(url)
 
 

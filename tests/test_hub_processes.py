@@ -20,9 +20,13 @@ pytestmark = pytest.mark.slow
 
 
 def spawn(service: FakeBithumanService) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, WORKER, service.api_base, CODE],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, WORKER, service.api_base, CODE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
 
 
 def test_eight_processes_download_once(clean_env):
@@ -38,7 +42,9 @@ def test_eight_processes_download_once(clean_env):
             outputs.append(out.split()[-2:])
         assert service.downloads() == 1
     expected = hashlib.sha256(agent.files["essence-1"]).hexdigest()
-    assert {tuple(o) for o in outputs} == {(str(clean_env / "agents" / CODE / f"{CODE}.imx"), expected)}
+    assert {tuple(o) for o in outputs} == {
+        (str(clean_env / "agents" / CODE / f"{CODE}.imx"), expected)
+    }
 
 
 def test_download_killed_midway_then_resolved_again(clean_env):

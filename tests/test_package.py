@@ -14,21 +14,54 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC = {
-    "DEMO_AVATAR_ID", "APIConnectionError", "APIError", "APIStatusError", "AuthenticationError",
-    "AvatarHubError", "AvatarNotFoundError", "AvatarResolver", "AvatarRuntime", "AvatarSession",
-    "CacheError", "CachedModelResolver", "CloudOnlyError", "ConfigurationError", "DemoRuntime",
-    "IntegrityError", "InvalidAvatarIdError", "LockTimeoutError", "MissingSecretError",
-    "ModelFileError", "ModelNotDownloadableError", "ModelNotReadyError", "NotCachedError",
-    "RateLimitedError", "RuntimeLoadError", "ServiceUnavailableError", "VideoControl",
-    "VideoPublishOptions", "__version__", "BithumanAPI", "ModelHub", "RetryPolicy", "prefetch",
-    "GestureTrigger", "create_runtime", "AgentGenerationFailedError", "AgentNotReadyError",
+    "DEMO_AVATAR_ID",
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "AuthenticationError",
+    "AvatarHubError",
+    "AvatarNotFoundError",
+    "AvatarResolver",
+    "AvatarRuntime",
+    "AvatarSession",
+    "CacheError",
+    "CachedModelResolver",
+    "CloudOnlyError",
+    "ConfigurationError",
+    "DemoRuntime",
+    "IntegrityError",
+    "InvalidAvatarIdError",
+    "LockTimeoutError",
+    "MissingSecretError",
+    "ModelFileError",
+    "ModelNotDownloadableError",
+    "ModelNotReadyError",
+    "NotCachedError",
+    "RateLimitedError",
+    "RuntimeLoadError",
+    "ServiceUnavailableError",
+    "VideoControl",
+    "VideoPublishOptions",
+    "__version__",
+    "BithumanAPI",
+    "ModelHub",
+    "RetryPolicy",
+    "prefetch",
+    "GestureTrigger",
+    "create_runtime",
+    "AgentGenerationFailedError",
+    "AgentNotReadyError",
 }
 
 
 def run_python(code: str, **env: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**os.environ, **env}, cwd=env.pop("CWD", None) or str(ROOT.parent),
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        cwd=env.pop("CWD", None) or str(ROOT.parent),
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -76,8 +109,11 @@ def test_errors_root_and_version():
     from livekit_plugins_avatarhub.version import __version__
 
     assert hub.__version__ == __version__
-    errors = [getattr(hub, n) for n in hub.__all__ if inspect.isclass(getattr(hub, n))
-              and issubclass(getattr(hub, n), Exception)]
+    errors = [
+        getattr(hub, n)
+        for n in hub.__all__
+        if inspect.isclass(getattr(hub, n)) and issubclass(getattr(hub, n), Exception)
+    ]
     assert errors and all(issubclass(e, hub.AvatarHubError) for e in errors)
 
 
@@ -85,7 +121,10 @@ def test_errors_root_and_version():
 def test_wheel_installs_both_import_paths_and_ships_py_typed(tmp_path):
     build = subprocess.run(
         [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if build.returncode != 0 and "No module named hatchling" in build.stderr:
         pytest.skip("hatchling is not installed in this environment")
@@ -103,7 +142,8 @@ def test_wheel_installs_both_import_paths_and_ships_py_typed(tmp_path):
         "import livekit_plugins_avatarhub as a\n"
         "from livekit.plugins import avatarhub as b\n"
         "print(a.__file__); print(b.__file__); print(a.AvatarSession is b.AvatarSession)",
-        PYTHONPATH=str(unpacked), CWD=str(tmp_path),
+        PYTHONPATH=str(unpacked),
+        CWD=str(tmp_path),
     ).split()
     assert out[0].startswith(str(unpacked)) and out[1].startswith(str(unpacked))
     assert out[2] == "True"

@@ -9,8 +9,9 @@ import bithuman
 import numpy as np
 import pytest
 
-from fakes import LEGACY_BITHUMAN, FakeBithuman, write_fake_model
 from livekit_plugins_avatarhub.demo import DemoRuntime
+
+from fakes import LEGACY_BITHUMAN, FakeBithuman, write_fake_model
 
 
 @pytest.fixture(params=["demo", "fake"])
@@ -20,8 +21,9 @@ async def runtime(request, tmp_path, monkeypatch):
     else:
         # 2.x renders at output_size; 0.8.1 at the model's own size (160x120 for this file)
         size = {} if LEGACY_BITHUMAN else {"output_size": (160, 120)}
-        rt = await FakeBithuman.create(model_path=write_fake_model(tmp_path / "m.imx"),
-                                       api_secret="secret-for-double", **size)
+        rt = await FakeBithuman.create(
+            model_path=write_fake_model(tmp_path / "m.imx"), api_secret="secret-for-double", **size
+        )
     yield rt
     rt.cleanup()
 
@@ -121,8 +123,9 @@ async def test_first_frame_matches_output_size(runtime):
 
 
 async def test_video_control_carries_audio_and_end_of_speech(runtime):
-    chunk = bithuman.AudioChunk(data=np.frombuffer(tone(0.2), np.int16), sample_rate=16000,
-                                last_chunk=False)
+    chunk = bithuman.AudioChunk(
+        data=np.frombuffer(tone(0.2), np.int16), sample_rate=16000, last_chunk=False
+    )
     await runtime.push(bithuman.VideoControl(audio=chunk))
     await runtime.push(bithuman.VideoControl(end_of_speech=True))
     frames = await take(runtime, 6)

@@ -9,26 +9,33 @@ import logging
 import httpx
 import numpy as np
 import pytest
+
 from livekit import api as lkapi
 from livekit import rtc
 
 pytest.importorskip("aiohttp")
 
-from aiohttp import web  # noqa: E402
+from aiohttp import web
 
-from fakes import FakeRoom  # noqa: E402
-from livekit_plugins_avatarhub.demo import DemoRuntime  # noqa: E402
-from livekit_plugins_avatarhub.exceptions import AvatarNotFoundError  # noqa: E402
-from livekit_plugins_avatarhub.service import AvatarWorker, WorkerManager  # noqa: E402
-from livekit_plugins_avatarhub.service.app import create_app  # noqa: E402
+from livekit_plugins_avatarhub.demo import DemoRuntime
+from livekit_plugins_avatarhub.exceptions import AvatarNotFoundError
+from livekit_plugins_avatarhub.service import AvatarWorker, WorkerManager
+from livekit_plugins_avatarhub.service.app import create_app
+
+from fakes import FakeRoom
 
 KEY = "service-key-0123456789"
 LK_KEY, LK_SECRET = "devkey", "devsecret-devsecret-devsecret-1234"
 
 
 def room_token(room: str, identity: str = "avatar-1") -> str:
-    return (lkapi.AccessToken(LK_KEY, LK_SECRET).with_identity(identity).with_kind("agent")
-            .with_grants(lkapi.VideoGrants(room_join=True, room=room)).to_jwt())
+    return (
+        lkapi.AccessToken(LK_KEY, LK_SECRET)
+        .with_identity(identity)
+        .with_kind("agent")
+        .with_grants(lkapi.VideoGrants(room_join=True, room=room))
+        .to_jwt()
+    )
 
 
 class Harness:
@@ -60,15 +67,20 @@ async def service():
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
-                                 headers={"authorization": f"Bearer {KEY}"}) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {KEY}"}
+    ) as client:
         yield client, harness, manager
     await runner.cleanup()
 
 
 def join_body(room: str = "room-a", **extra) -> dict:
-    return {"room_url": "wss://lk.example.com", "room_token": room_token(room),
-            "participant_name": "Ava", **extra}
+    return {
+        "room_url": "wss://lk.example.com",
+        "room_token": room_token(room),
+        "participant_name": "Ava",
+        **extra,
+    }
 
 
 async def test_auth_is_required(service):
@@ -89,12 +101,25 @@ async def test_auth_is_required(service):
         ("/v1/agents/demo/join-room", {**join_body(), "room_url": "ftp://x"}, "room_url"),
         ("/v1/agents/demo/join-room", {"room_url": "wss://x"}, "room_token"),
         ("/v1/agents/demo/join-room", {**join_body(), "room_token": "not-a-jwt"}, "room grant"),
-        ("/v1/agents/demo/join-room", {**join_body(), "participant_name": "x" * 300}, "participant_name"),
+        (
+            "/v1/agents/demo/join-room",
+            {**join_body(), "participant_name": "x" * 300},
+            "participant_name",
+        ),
         ("/v1/agents/demo/join-room", [1, 2], "JSON object"),
         ("/v1/runtime-tokens/request", {"image": "https://x/face.jpg"}, "cloud"),
         ("/v1/runtime-tokens/request", {"agent_id": "demo", "mode": "tpu"}, "mode"),
-        ("/v1/runtime-tokens/request", {"agent_id": "demo", "livekit_url": "wss://x",
-                                        "livekit_token": "t", "room_name": "r", "model": "essense"}, "model"),
+        (
+            "/v1/runtime-tokens/request",
+            {
+                "agent_id": "demo",
+                "livekit_url": "wss://x",
+                "livekit_token": "t",
+                "room_name": "r",
+                "model": "essense",
+            },
+            "model",
+        ),
     ],
 )
 async def test_requests_are_validated(service, path, body, words):
@@ -109,8 +134,12 @@ async def test_join_is_idempotent_per_agent_and_room(service):
     client, harness, _ = service
     r = await client.post("/v1/agents/demo/join-room", json=join_body())
     assert r.status_code == 201
-    assert r.json() == {"success": True, "participant_id": "avatar-1", "status": "connected",
-                        "created": True}
+    assert r.json() == {
+        "success": True,
+        "participant_id": "avatar-1",
+        "status": "connected",
+        "created": True,
+    }
     again = await client.post("/v1/agents/demo/join-room", json=join_body())
     assert again.status_code == 200 and again.json()["created"] is False
     assert len(harness.rooms) == 1
@@ -121,7 +150,9 @@ async def test_join_is_idempotent_per_agent_and_room(service):
 async def test_capacity_limit_answers_503_with_retry_after(service):
     client, _, _ = service
     for room in ("r1", "r2"):
-        assert (await client.post("/v1/agents/demo/join-room", json=join_body(room))).status_code == 201
+        assert (
+            await client.post("/v1/agents/demo/join-room", json=join_body(room))
+        ).status_code == 201
     r = await client.post("/v1/agents/demo/join-room", json=join_body("r3"))
     assert r.status_code == 503 and r.headers["retry-after"] == "30"
     assert r.json()["error"]["code"] == "CAPACITY"
@@ -134,7 +165,7 @@ async def test_leave_room_stops_the_worker(service):
     assert r.json() == {"success": True, "status": "disconnected", "participant_ids": ["avatar-1"]}
     assert not harness.rooms[0].isconnected()
     assert harness.runtimes[0]._closed
-    assert manager.list() == []
+    assert manager.workers() == []
     r = await client.post("/v1/agents/demo/leave-room", json={"room_name": "room-a"})
     assert r.status_code == 404
 
@@ -144,7 +175,7 @@ async def test_room_closing_stops_the_worker(service):
     await client.post("/v1/agents/demo/join-room", json=join_body())
     await harness.rooms[0].disconnect()
     await asyncio.sleep(0.1)
-    assert manager.list() == [] and harness.runtimes[0]._closed
+    assert manager.workers() == [] and harness.runtimes[0]._closed
 
 
 async def test_failures_are_reported_not_hidden(service):
@@ -175,8 +206,14 @@ async def test_a_worker_that_crashes_is_listed_as_failed(service):
 
 async def test_launch_request_of_the_cloud_plugin(service):
     client, harness, _ = service
-    body = {"mode": "cpu", "model": "essence", "agent_id": "demo", "livekit_url": "wss://lk",
-            "livekit_token": room_token("room-z", "bithuman-avatar-agent"), "room_name": "room-z"}
+    body = {
+        "mode": "cpu",
+        "model": "essence",
+        "agent_id": "demo",
+        "livekit_url": "wss://lk",
+        "livekit_token": room_token("room-z", "bithuman-avatar-agent"),
+        "room_name": "room-z",
+    }
     r = await client.post("/v1/runtime-tokens/request", json=body)
     assert r.status_code == 201 and r.json()["participant_id"] == "bithuman-avatar-agent"
     assert (await client.post("/v1/runtime-tokens/request", json=body)).json()["created"] is False
@@ -243,8 +280,12 @@ async def test_worker_renders_streamed_audio_and_reports_playback(worker):
 
 async def test_worker_answers_trigger_dynamics_and_clear_buffer(worker):
     w, room = worker
-    answer = json.loads(await room.local_participant.invoke(
-        "trigger_dynamics", json.dumps({"action": "wave", "identity": "agent-1", "timestamp": 1})))
+    answer = json.loads(
+        await room.local_participant.invoke(
+            "trigger_dynamics",
+            json.dumps({"action": "wave", "identity": "agent-1", "timestamp": 1}),
+        )
+    )
     assert answer == {"success": True, "action": "wave"}
     assert w.runtime._action is not None and w.runtime._action[0] == "wave"
     bad = json.loads(await room.local_participant.invoke("trigger_dynamics", "not json"))
@@ -276,8 +317,13 @@ async def test_participant_mode_runs_the_avatar_in_the_service(service, livekit_
     from livekit_plugins_avatarhub.service.tokens import token_claims
 
     client, harness, manager = service
-    avatar = AvatarSession(avatar_id="demo", mode="participant", service_url=str(client.base_url),
-                           service_key=KEY, api_secret="bithuman-secret-never-shared")
+    avatar = AvatarSession(
+        avatar_id="demo",
+        mode="participant",
+        service_url=str(client.base_url),
+        service_key=KEY,
+        api_secret="bithuman-secret-never-shared",
+    )
     room = FakeRoom("room-p")
     session = AgentSession()
     await avatar.start(session, room=room)
@@ -299,7 +345,7 @@ async def test_participant_mode_runs_the_avatar_in_the_service(service, livekit_
     finally:
         await avatar.aclose()
         await session.aclose()
-    assert manager.list() == []  # aclose told the service to leave
+    assert manager.workers() == []  # aclose told the service to leave
 
 
 async def test_participant_mode_configuration_errors(monkeypatch):
@@ -311,19 +357,30 @@ async def test_participant_mode_configuration_errors(monkeypatch):
     with pytest.raises(ConfigurationError, match="AVATARHUB_SERVICE_URL"):
         AvatarSession(avatar_id="demo", mode="participant")
     with pytest.raises(ConfigurationError, match="not model_path"):
-        AvatarSession(model_path="/x.imx", mode="participant", service_url="http://127.0.0.1:9",
-                      api_secret="s")
+        AvatarSession(
+            model_path="/x.imx",
+            mode="participant",
+            service_url="http://127.0.0.1:9",
+            api_secret="s",
+        )
     with pytest.raises(ConfigurationError, match="mode must be"):
         AvatarSession(avatar_id="demo", mode="cloud")  # type: ignore[arg-type]
     avatar = AvatarSession(avatar_id="demo", mode="participant", service_url="http://127.0.0.1:9")
-    with pytest.raises(ConfigurationError, match="LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET"):
+    with pytest.raises(
+        ConfigurationError, match="LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET"
+    ):
         await avatar.start(AgentSession(), room=FakeRoom())
     monkeypatch.setenv("LIVEKIT_URL", "wss://lk")
     monkeypatch.setenv("LIVEKIT_API_KEY", LK_KEY)
     monkeypatch.setenv("LIVEKIT_API_SECRET", LK_SECRET)
-    avatar = AvatarSession(avatar_id="demo", mode="participant", service_url="http://127.0.0.1:9",
-                           conn_options=__import__("livekit.agents").agents.APIConnectOptions(
-                               max_retry=0, retry_interval=0.01))
+    avatar = AvatarSession(
+        avatar_id="demo",
+        mode="participant",
+        service_url="http://127.0.0.1:9",
+        conn_options=__import__("livekit.agents").agents.APIConnectOptions(
+            max_retry=0, retry_interval=0.01
+        ),
+    )
     with pytest.raises(APIConnectionError, match="unreachable"):
         await avatar.start(AgentSession(), room=FakeRoom())
 
@@ -340,12 +397,20 @@ def test_serve_command_runs_and_stops_cleanly(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "AVATARHUB_SERVICE_KEY": KEY}
-    refused = subprocess.run([sys.executable, "-m", "livekit_plugins_avatarhub", "serve"],
-                             env={k: v for k, v in env.items() if k != "AVATARHUB_SERVICE_KEY"},
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "livekit_plugins_avatarhub", "serve"],
+        env={k: v for k, v in env.items() if k != "AVATARHUB_SERVICE_KEY"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode != 0 and "AVATARHUB_SERVICE_KEY" in refused.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "livekit_plugins_avatarhub", "serve",
-                             "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "livekit_plugins_avatarhub", "serve", "--port", str(port)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -6,8 +6,6 @@ import logging
 
 import pytest
 
-from conftest import SECRET
-from fakes import LEGACY_BITHUMAN, FakeRoom, write_fake_model
 from livekit_plugins_avatarhub import (
     AvatarHubError,
     AvatarSession,
@@ -20,6 +18,9 @@ from livekit_plugins_avatarhub import (
     RuntimeLoadError,
 )
 
+from conftest import SECRET
+from fakes import LEGACY_BITHUMAN, FakeRoom, write_fake_model
+
 
 def test_needs_an_avatar():
     with pytest.raises(ConfigurationError, match="avatar_id=.*model_path="):
@@ -31,7 +32,9 @@ def test_refuses_both_avatar_id_and_model_path(model_file):
         AvatarSession(avatar_id="A91XMB7113", model_path=model_file, api_secret=SECRET)
 
 
-@pytest.mark.parametrize("bad", ["a91xmb7113", "A91XMB711", "A91XMB71134", "191XMB7113", "A91-MB7113", "../../etc"])
+@pytest.mark.parametrize(
+    "bad", ["a91xmb7113", "A91XMB711", "A91XMB71134", "191XMB7113", "A91-MB7113", "../../etc"]
+)
 def test_refuses_malformed_avatar_ids(bad):
     with pytest.raises(InvalidAvatarIdError, match="not a bitHuman agent code"):
         AvatarSession(avatar_id=bad, api_secret=SECRET)
@@ -42,7 +45,9 @@ def test_missing_secret_names_the_variable(model_file):
         AvatarSession(model_path=model_file)
 
 
-@pytest.mark.skipif(LEGACY_BITHUMAN, reason="bithuman 0.8.1 accepts a runtime token without a secret")
+@pytest.mark.skipif(
+    LEGACY_BITHUMAN, reason="bithuman 0.8.1 accepts a runtime token without a secret"
+)
 def test_token_alone_is_refused_with_bithuman_2(model_file):
     with pytest.raises(MissingSecretError, match="api_token alone"):
         AvatarSession(model_path=model_file, api_token="tok-123456")
@@ -78,7 +83,13 @@ def test_demo_needs_no_secret():
 def test_errors_share_one_root_and_builtins():
     assert issubclass(ModelFileError, FileNotFoundError)
     assert issubclass(ConfigurationError, ValueError)
-    for err in (CloudOnlyError, MissingSecretError, ModelFileError, NotCachedError, RuntimeLoadError):
+    for err in (
+        CloudOnlyError,
+        MissingSecretError,
+        ModelFileError,
+        NotCachedError,
+        RuntimeLoadError,
+    ):
         assert issubclass(err, AvatarHubError)
 
 
@@ -134,7 +145,9 @@ async def test_corrupt_model_is_a_runtime_load_error(tmp_path, fake_bithuman):
         await start(AvatarSession(model_path=str(bad), api_secret=SECRET))
 
 
-async def test_offline_auth_failure_is_clear_and_hides_the_secret(model_file, fake_bithuman, caplog):
+async def test_offline_auth_failure_is_clear_and_hides_the_secret(
+    model_file, fake_bithuman, caplog
+):
     fake_bithuman.auth_reachable = False
     caplog.set_level(logging.DEBUG)
     with pytest.raises(RuntimeLoadError, match="network access") as info:
@@ -146,7 +159,9 @@ async def test_offline_auth_failure_is_clear_and_hides_the_secret(model_file, fa
 async def test_uncached_avatar_id_without_network_is_clear(fake_bithuman):
     from livekit_plugins_avatarhub import CachedModelResolver
 
-    session = AvatarSession(avatar_id="A91XMB7113", api_secret=SECRET, resolver=CachedModelResolver())
+    session = AvatarSession(
+        avatar_id="A91XMB7113", api_secret=SECRET, resolver=CachedModelResolver()
+    )
     with pytest.raises(NotCachedError, match="pull A91XMB7113"):
         await start(session)
 
@@ -157,7 +172,9 @@ async def test_avatar_id_found_in_the_sdk_cache_layout(clean_env, fake_bithuman)
     agent_dir = clean_env / "agents" / "A91XMB7113"
     agent_dir.mkdir(parents=True)
     path = write_fake_model(agent_dir / "A91XMB7113.imx", seed=b"cached")
-    session = AvatarSession(avatar_id="A91XMB7113", api_secret=SECRET, resolver=CachedModelResolver())
+    session = AvatarSession(
+        avatar_id="A91XMB7113", api_secret=SECRET, resolver=CachedModelResolver()
+    )
     room = FakeRoom()
     from livekit.agents import AgentSession
 

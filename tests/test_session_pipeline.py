@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from livekit import rtc
 from livekit.agents import Agent, AgentSession
+
+from livekit import rtc
+from livekit_plugins_avatarhub import AvatarSession, VideoPublishOptions
 
 from conftest import SECRET
 from fakes import FakeRoom, sine_frames, write_fake_model
-from livekit_plugins_avatarhub import AvatarSession, VideoPublishOptions
 
 
 @dataclass
@@ -141,8 +142,9 @@ async def test_video_is_published_h264_single_layer_at_avatar_fps(model_file, fa
 
 async def test_publish_options_are_configurable(model_file, fake_bithuman):
     options = VideoPublishOptions(codec="vp8", simulcast=True, max_fps=15, max_bitrate=1_500_000)
-    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(160, 120),
-                           video_options=options)
+    avatar = AvatarSession(
+        model_path=model_file, api_secret=SECRET, output_size=(160, 120), video_options=options
+    )
     async with running(avatar) as (session, room, _):
         session.say("hi", audio=sine_frames(0.2))
         vpub = await room.wait_published(rtc.TrackKind.KIND_VIDEO)
@@ -203,7 +205,9 @@ async def test_starting_twice_is_refused(fake_bithuman, model_file):
             await avatar.start(session, room=room)
 
 
-async def test_avatar_id_downloads_through_the_hub_then_renders(fake_bithuman, clean_env, monkeypatch):
+async def test_avatar_id_downloads_through_the_hub_then_renders(
+    fake_bithuman, clean_env, monkeypatch
+):
     """The cloud-style call: an agent code and a secret, nothing fetched by hand."""
     from bithuman_server import SECRET as SERVER_SECRET
     from bithuman_server import FakeBithumanService
@@ -211,8 +215,12 @@ async def test_avatar_id_downloads_through_the_hub_then_renders(fake_bithuman, c
     with FakeBithumanService() as service:
         agent = service.add_agent("A91XMB7113")
         monkeypatch.setenv("BITHUMAN_API_BASE", service.api_base)
-        avatar = AvatarSession(avatar_id="A91XMB7113", api_secret=SERVER_SECRET,
-                               model="essence", output_size=(160, 120))
+        avatar = AvatarSession(
+            avatar_id="A91XMB7113",
+            api_secret=SERVER_SECRET,
+            model="essence",
+            output_size=(160, 120),
+        )
         async with running(avatar) as (session, room, capture):
             handle = session.say("hi", audio=sine_frames(0.3))
             await capture.attach(room)

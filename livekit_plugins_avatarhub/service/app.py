@@ -16,7 +16,7 @@ from aiohttp import web
 from ..exceptions import AvatarHubError
 from ..log import logger
 from ..settings import AVATAR_ID_PATTERN, DEMO_AVATAR_ID, is_cloud_only, model_family
-from .manager import CapacityError, WorkerManager
+from .manager import CapacityError, WorkerInfo, WorkerManager
 from .tokens import token_identity, token_room
 
 MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
@@ -30,9 +30,15 @@ class _Invalid(Exception):
         self.status, self.code = status, code
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = {"success": False, "error": {"code": code, "message": message, "httpStatus": status},
-            "status": "error", "status_code": status}
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = {
+        "success": False,
+        "error": {"code": code, "message": message, "httpStatus": status},
+        "status": "error",
+        "status_code": status,
+    }
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -45,24 +51,40 @@ def create_app(manager: WorkerManager, *, key: str) -> web.Application:
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path != "/health":
             auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("api-secret", "")
+            given = (
+                auth[7:]
+                if auth.lower().startswith("bearer ")
+                else request.headers.get("api-secret", "")
+            )
             if not hmac.compare_digest(given.encode(), expected):
                 return _error(401, "UNAUTHORIZED", "missing or wrong service key")
         try:
-            return await handler(request)
+            response: web.StreamResponse = await handler(request)
+            return response
         except _Invalid as err:
             return _error(err.status, err.code, str(err))
         except CapacityError as err:
-            return _error(503, "CAPACITY", f"{err}; try again later",
-                          {"Retry-After": str(RETRY_AFTER_SECONDS)})
+            return _error(
+                503,
+                "CAPACITY",
+                f"{err}; try again later",
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         except AvatarHubError as err:
             return _error(422, "AVATAR_UNAVAILABLE", str(err))
         except web.HTTPException:
             raise
         except Exception as err:  # the worker could not start (LiveKit unreachable, ...)
-            logger.error("request %s %s failed: %s: %s", request.method, request.path,
-                         type(err).__name__, err)
-            return _error(502, "WORKER_FAILED", f"the avatar could not start: {type(err).__name__}: {err}")
+            logger.error(
+                "request %s %s failed: %s: %s",
+                request.method,
+                request.path,
+                type(err).__name__,
+                err,
+            )
+            return _error(
+                502, "WORKER_FAILED", f"the avatar could not start: {type(err).__name__}: {err}"
+            )
 
     app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
     app[MANAGER] = manager
@@ -81,12 +103,13 @@ def create_app(manager: WorkerManager, *, key: str) -> web.Application:
 
 async def health(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    return web.json_response({"status": "ok", "workers": manager.active(),
-                              "max_workers": manager.max_workers})
+    return web.json_response(
+        {"status": "ok", "workers": manager.active(), "max_workers": manager.max_workers}
+    )
 
 
 async def list_workers(request: web.Request) -> web.Response:
-    workers = [w.as_json() for w in request.app[MANAGER].list()]
+    workers = [w.as_json() for w in request.app[MANAGER].workers()]
     return web.json_response({"success": True, "data": workers})
 
 
@@ -101,12 +124,18 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _agent(value: Any) -> str:
-    if not isinstance(value, str) or not (value == DEMO_AVATAR_ID or AVATAR_ID_PATTERN.match(value)):
-        raise _Invalid(f"agent_id must be a bitHuman agent code (e.g. A91XMB7113) or {DEMO_AVATAR_ID!r}")
+    if not isinstance(value, str) or not (
+        value == DEMO_AVATAR_ID or AVATAR_ID_PATTERN.match(value)
+    ):
+        raise _Invalid(
+            f"agent_id must be a bitHuman agent code (e.g. A91XMB7113) or {DEMO_AVATAR_ID!r}"
+        )
     return value
 
 
-def _text(body: dict[str, Any], name: str, *, required: bool = True, limit: int = 256) -> str | None:
+def _text(
+    body: dict[str, Any], name: str, *, required: bool = True, limit: int = 256
+) -> str | None:
     value = body.get(name)
     if value is None and not required:
         return None
@@ -149,15 +178,30 @@ async def join_room(request: web.Request) -> web.Response:
     listen_to = _text(body, "listen_to", required=False, limit=128)
     room = token_room(token)
     if room is None:
-        raise _Invalid("room_token has no room grant: mint it with VideoGrants(room_join=True, room=...)")
+        raise _Invalid(
+            "room_token has no room grant: mint it with VideoGrants(room_join=True, room=...)"
+        )
     participant = token_identity(token) or name or f"avatar-{agent_id}"
     info, created = await request.app[MANAGER].join(
-        agent_id=agent_id, room=room, participant_id=participant, room_url=room_url, token=token,
-        model=_model(body.get("model")), listen_to=listen_to,
+        agent_id=agent_id,
+        room=room,
+        participant_id=participant,
+        room_url=room_url,
+        token=token,
+        model=_model(body.get("model")),
+        listen_to=listen_to,
     )
-    return web.json_response({"success": True, "participant_id": info.participant_id,
-                              "status": "connected", "created": created},
-                             status=201 if created else 200)
+    return _joined(info, created)
+
+
+def _joined(info: WorkerInfo, created: bool) -> web.Response:
+    body = {
+        "success": True,
+        "participant_id": info.participant_id,
+        "status": "connected",
+        "created": created,
+    }
+    return web.json_response(body, status=201 if created else 200)
 
 
 async def leave_room(request: web.Request) -> web.Response:
@@ -170,8 +214,13 @@ async def leave_room(request: web.Request) -> web.Response:
     stopped = await request.app[MANAGER].leave(agent_id, room)
     if not stopped:
         raise _Invalid(f"avatar {agent_id} is not in {room or 'any room'}", 404, "NOT_FOUND")
-    return web.json_response({"success": True, "status": "disconnected",
-                              "participant_ids": [w.participant_id for w in stopped]})
+    return web.json_response(
+        {
+            "success": True,
+            "status": "disconnected",
+            "participant_ids": [w.participant_id for w in stopped],
+        }
+    )
 
 
 async def launch(request: web.Request) -> web.Response:
@@ -189,13 +238,15 @@ async def launch(request: web.Request) -> web.Response:
     assert token is not None and room is not None
     participant = token_identity(token) or f"avatar-{agent_id}"
     info, created = await request.app[MANAGER].join(
-        agent_id=agent_id, room=room, participant_id=participant, room_url=room_url, token=token,
+        agent_id=agent_id,
+        room=room,
+        participant_id=participant,
+        room_url=room_url,
+        token=token,
         model=_model(body.get("model")),
     )
     logger.debug("launch for %s in %s (created=%s)", agent_id, room, created)
-    return web.json_response({"success": True, "participant_id": info.participant_id,
-                              "status": "connected", "created": created},
-                             status=201 if created else 200)
+    return _joined(info, created)
 
 
 def default_manager(*, api_secret: str | None, max_workers: int) -> WorkerManager:
@@ -204,8 +255,11 @@ def default_manager(*, api_secret: str | None, max_workers: int) -> WorkerManage
     from .worker import AvatarWorker
 
     async def runtime_for(agent_id: str, model: str | None) -> Any:
-        return await create_runtime(agent_id, api_secret=api_secret,
-                                    model=None if model is None or is_cloud_only(model) else model)
+        return await create_runtime(
+            agent_id,
+            api_secret=api_secret,
+            model=None if model is None or is_cloud_only(model) else model,
+        )
 
     def factory(**kwargs: Any) -> AvatarWorker:
         return AvatarWorker(runtime_factory=runtime_for, **kwargs)
@@ -213,7 +267,9 @@ def default_manager(*, api_secret: str | None, max_workers: int) -> WorkerManage
     return WorkerManager(factory, max_workers=max_workers)
 
 
-async def serve(*, host: str, port: int, key: str, api_secret: str | None, max_workers: int) -> None:
+async def serve(
+    *, host: str, port: int, key: str, api_secret: str | None, max_workers: int
+) -> None:
     """Run until SIGINT/SIGTERM, then stop every worker."""
     import asyncio
     import signal
@@ -223,7 +279,9 @@ async def serve(*, host: str, port: int, key: str, api_secret: str | None, max_w
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    logger.warning("avatar service listening on http://%s:%d (%d workers max)", host, port, max_workers)
+    logger.warning(
+        "avatar service listening on http://%s:%d (%d workers max)", host, port, max_workers
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

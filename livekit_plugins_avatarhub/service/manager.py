@@ -29,9 +29,15 @@ class WorkerInfo:
     listen_to: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"agent_id": self.agent_id, "room_name": self.room,
-                "participant_id": self.participant_id, "status": self.status,
-                "started_at": self.started_at, "error": self.error, "listen_to": self.listen_to}
+        return {
+            "agent_id": self.agent_id,
+            "room_name": self.room,
+            "participant_id": self.participant_id,
+            "status": self.status,
+            "started_at": self.started_at,
+            "error": self.error,
+            "listen_to": self.listen_to,
+        }
 
 
 class WorkerManager:
@@ -44,9 +50,11 @@ class WorkerManager:
         self._lock = asyncio.Lock()
 
     def active(self) -> int:
-        return sum(1 for info, _ in self._workers.values() if info.status in ("connecting", "connected"))
+        return sum(
+            1 for info, _ in self._workers.values() if info.status in ("connecting", "connected")
+        )
 
-    def list(self) -> list[WorkerInfo]:
+    def workers(self) -> list[WorkerInfo]:
         return [info for info, _ in self._workers.values()]
 
     def get(self, agent_id: str, room: str) -> WorkerInfo | None:
@@ -72,11 +80,13 @@ class WorkerManager:
                 return entry[0], False
             if self.active() >= self.max_workers:
                 raise CapacityError(f"all {self.max_workers} avatar workers are busy")
-            info = WorkerInfo(agent_id, room, participant_id, "connecting", time.time(),
-                              listen_to=listen_to)
+            info = WorkerInfo(
+                agent_id, room, participant_id, "connecting", time.time(), listen_to=listen_to
+            )
             self._workers[key] = (info, None)
-        worker = self._factory(agent_id=agent_id, room_url=room_url, token=token, model=model,
-                               listen_to=listen_to)
+        worker = self._factory(
+            agent_id=agent_id, room_url=room_url, token=token, model=model, listen_to=listen_to
+        )
         try:
             await worker.start()
         except Exception as err:
@@ -114,7 +124,7 @@ class WorkerManager:
         return stopped
 
     async def aclose(self) -> None:
-        for info, worker in list(self._workers.values()):
+        for _, worker in list(self._workers.values()):
             if worker is not None:
                 await worker.stop()
         self._workers.clear()

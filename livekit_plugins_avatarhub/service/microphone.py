@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-from livekit import rtc
 from livekit.agents import utils
 from livekit.agents.voice.avatar import AudioReceiver, AudioSegmentEnd
+
+from livekit import rtc
 
 from ..log import logger
 
@@ -69,7 +70,10 @@ class MicrophoneAudioReceiver(AudioReceiver):
             async for event in stream:
                 frame = event.frame
                 samples = np.frombuffer(frame.data, np.int16)
-                loud = samples.size and float(np.sqrt(np.mean(samples.astype(np.float32) ** 2))) > self._threshold
+                loud = (
+                    samples.size
+                    and float(np.sqrt(np.mean(samples.astype(np.float32) ** 2))) > self._threshold
+                )
                 if loud:
                     speaking, quiet = True, 0.0
                 elif speaking:

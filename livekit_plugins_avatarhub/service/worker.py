@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
+
+from livekit.agents.voice.avatar import AudioReceiver, AvatarRunner
 
 from livekit import rtc
-from livekit.agents.voice.avatar import AudioReceiver, AvatarOptions, AvatarRunner
 
 from ..generator import RuntimeVideoGenerator
 from ..log import logger
-from ..publish import PublishingRoom, VideoPublishOptions
+from ..publish import VideoPublishOptions, avatar_runner
 from ..runtime import AvatarRuntime
 
 RPC_TRIGGER_DYNAMICS = "trigger_dynamics"
@@ -74,15 +75,8 @@ class AvatarWorker:
         except BaseException:
             await self._cleanup()
             raise
-        width, height = generator.video_resolution
-        options = AvatarOptions(video_width=width, video_height=height,
-                                video_fps=generator.video_fps,
-                                audio_sample_rate=generator.audio_sample_rate, audio_channels=1)
         receiver = self._receiver(generator.audio_sample_rate)
-        self._runner = AvatarRunner(
-            cast(rtc.Room, PublishingRoom(self.room, self._video_options.track_options(generator.video_fps))),
-            audio_recv=receiver, video_gen=generator, options=options,
-        )
+        self._runner = avatar_runner(self.room, generator, receiver, self._video_options)
         # the runner waits for the agent (or microphone) to show up: don't hold the caller
         self._watch = asyncio.create_task(self._run(), name=f"avatar-{self.agent_id}")
 
@@ -159,6 +153,12 @@ async def _wait_for_complete(runner: AvatarRunner) -> None:
     if wait is not None:
         await wait()
         return
-    tasks = [t for t in (getattr(runner, "_read_audio_atask", None),
-                         getattr(runner, "_forward_video_atask", None)) if t is not None]
+    tasks = [
+        t
+        for t in (
+            getattr(runner, "_read_audio_atask", None),
+            getattr(runner, "_forward_video_atask", None),
+        )
+        if t is not None
+    ]
     await asyncio.gather(*tasks)

@@ -1,14 +1,16 @@
 """``from livekit.plugins import avatarhub``: the same package as ``livekit_plugins_avatarhub``."""
+# ruff: noqa: F401  (every name here is re-exported through __all__)
 
 from typing import Any
 
 import livekit_plugins_avatarhub as _hub
 from livekit_plugins_avatarhub import (
+    DEMO_AVATAR_ID,
+    AgentGenerationFailedError,
+    AgentNotReadyError,
     APIConnectionError,
     APIError,
     APIStatusError,
-    AgentGenerationFailedError,
-    AgentNotReadyError,
     AuthenticationError,
     AvatarHubError,
     AvatarNotFoundError,
@@ -16,11 +18,10 @@ from livekit_plugins_avatarhub import (
     AvatarRuntime,
     AvatarSession,
     BithumanAPI,
-    CacheError,
     CachedModelResolver,
+    CacheError,
     CloudOnlyError,
     ConfigurationError,
-    DEMO_AVATAR_ID,
     GestureTrigger,
     IntegrityError,
     InvalidAvatarIdError,
