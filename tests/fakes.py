@@ -281,7 +281,8 @@ class FakeRemoteParticipant:
     kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
     attributes: dict[str, str] = field(default_factory=dict)
     track_publications: dict[str, Any] = field(default_factory=dict)
-    state: int = rtc.ParticipantState.PARTICIPANT_STATE_ACTIVE
+    # ParticipantState arrived in later livekit (rtc) releases; 2 is PARTICIPANT_STATE_ACTIVE
+    state: int = getattr(getattr(rtc, "ParticipantState", None), "PARTICIPANT_STATE_ACTIVE", 2)
 
 
 @dataclass
