@@ -345,3 +345,22 @@ def test_prefetch_for_prewarm(service):
     service.add_agent(CODE)
     (path,) = prefetch(CODE, api_secret=SECRET, api_base=service.api_base, retry=FAST)
     assert path.exists() and os.path.getsize(path) == 64 * 1024
+
+
+async def test_lock_held_too_long_is_a_clear_timeout(service, clean_env):
+    from filelock import FileLock
+
+    from livekit_plugins_avatarhub import LockTimeoutError
+
+    service.add_agent(CODE)
+    hub = make_hub(service, lock_timeout=0.3)
+    hub.cache.ensure_dirs(CODE)
+    holder = FileLock(str(hub.cache.lock_path(CODE)), thread_local=False)
+    holder.acquire()  # another process downloading, from the hub's point of view
+    try:
+        with pytest.raises(LockTimeoutError, match="another process downloading avatar"):
+            await hub.resolve(CODE)
+    finally:
+        holder.release()
+    assert not service.storage_requests
+    assert (await make_hub(service).resolve(CODE)).exists()  # free again: resolves

@@ -132,7 +132,8 @@ async def test_requests_are_validated(service, path, body, words):
 
 async def test_join_is_idempotent_per_agent_and_room(service):
     client, harness, _ = service
-    r = await client.post("/v1/agents/demo/join-room", json=join_body())
+    body = join_body()
+    r = await client.post("/v1/agents/demo/join-room", json=body)
     assert r.status_code == 201
     assert r.json() == {
         "success": True,
@@ -140,11 +141,12 @@ async def test_join_is_idempotent_per_agent_and_room(service):
         "status": "connected",
         "created": True,
     }
+    # a second join, with a freshly minted token for the same room, finds the same worker
     again = await client.post("/v1/agents/demo/join-room", json=join_body())
     assert again.status_code == 200 and again.json()["created"] is False
     assert len(harness.rooms) == 1
     url, token = harness.rooms[0].connected_with
-    assert url == "wss://lk.example.com" and token == join_body()["room_token"]
+    assert url == "wss://lk.example.com" and token == body["room_token"]
 
 
 async def test_capacity_limit_answers_503_with_retry_after(service):
@@ -425,3 +427,46 @@ def test_serve_command_runs_and_stops_cleanly(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+async def test_worker_lip_syncs_to_a_participants_microphone():
+    """The seed's Flutter flow: no agent, the avatar follows a named participant's microphone."""
+    from fakes import FakeRemoteParticipant
+
+    harness = Harness()
+    w = harness.worker(
+        agent_id="demo", room_url="wss://lk", token=room_token("r"), listen_to="user-7"
+    )
+    await w.start()
+    room = harness.rooms[0]
+    try:
+        # listen to what the avatar publishes before the user starts talking
+        pub = await room.wait_published(rtc.TrackKind.KIND_AUDIO)
+        stream = rtc.AudioStream(pub.track, sample_rate=16000, num_channels=1)
+        heard = []
+
+        async def listen():
+            async for event in stream:
+                heard.append(np.frombuffer(event.frame.data, np.int16).copy())
+
+        task = asyncio.create_task(listen())
+        source = rtc.AudioSource(16000, 1)
+        track = rtc.LocalAudioTrack.create_audio_track("mic", source)
+        user = FakeRemoteParticipant("user-7", rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD)
+        room.remote_participants["user-7"] = user
+        room.emit("track_subscribed", track, None, user)
+        pcm = np.frombuffer(tone(1.0), np.int16)
+        for start in range(0, pcm.size, 160):
+            part = pcm[start : start + 160]
+            await source.capture_frame(rtc.AudioFrame(part.tobytes(), 16000, 1, part.size))
+        silence = np.zeros(160, np.int16)
+        for _ in range(100):  # one second of silence ends the segment
+            await source.capture_frame(rtc.AudioFrame(silence.tobytes(), 16000, 1, 160))
+        await asyncio.sleep(1.0)
+        task.cancel()
+        await stream.aclose()
+        await source.aclose()
+        loud = sum(int((np.abs(h) > 3000).sum()) for h in heard)
+        assert loud > 8000, "the avatar played the user's speech back in sync with its lips"
+    finally:
+        await w.stop()
