@@ -199,8 +199,8 @@ async def test_interrupt_closes_the_demo_mouth_within_a_few_frames():
 async def test_gesture_through_the_session_runtime():
     avatar = AvatarSession(avatar_id="demo", output_size=(W, H))
     async with running(avatar) as (session, room, capture):
-        session.say("hi", audio=sine_frames(0.2))
+        handle = session.say("hi", audio=sine_frames(0.2))
         await capture.attach(room)
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(handle.wait_for_playout(), 10)
         await avatar.runtime.push(VideoControl(action="wave"))
         assert avatar.runtime._action is not None and avatar.runtime._action[0] == "wave"

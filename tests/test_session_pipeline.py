@@ -131,8 +131,9 @@ async def test_interrupt_clears_the_runtime_and_closes_the_mouth(model_file, fak
 async def test_video_is_published_h264_single_layer_at_avatar_fps(model_file, fake_bithuman):
     avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(160, 120))
     async with running(avatar) as (session, room, _):
-        session.say("hi", audio=sine_frames(0.2))
+        handle = session.say("hi", audio=sine_frames(0.2))
         vpub = await room.wait_published(rtc.TrackKind.KIND_VIDEO)
+        await asyncio.wait_for(handle.wait_for_playout(), 10)
         opts = vpub.options
         assert opts.video_codec == rtc.VideoCodec.H264
         assert opts.simulcast is False
@@ -146,8 +147,9 @@ async def test_publish_options_are_configurable(model_file, fake_bithuman):
         model_path=model_file, api_secret=SECRET, output_size=(160, 120), video_options=options
     )
     async with running(avatar) as (session, room, _):
-        session.say("hi", audio=sine_frames(0.2))
+        handle = session.say("hi", audio=sine_frames(0.2))
         vpub = await room.wait_published(rtc.TrackKind.KIND_VIDEO)
+        await asyncio.wait_for(handle.wait_for_playout(), 10)
         assert vpub.options.video_codec == rtc.VideoCodec.VP8
         assert vpub.options.simulcast is True
         assert vpub.options.video_encoding.max_framerate == 15
