@@ -16,9 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from livekit_plugins_avatarhub.demo import DemoRuntime
+from livekit_plugins_avatarhub.demo import DemoRuntime, FrameState
 from livekit_plugins_avatarhub.render import SAMPLE_AUDIO, render
-from livekit_plugins_avatarhub.runtime import FrameState
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from livekit.agents import Plugin
 
-from .api import BithumanAPI, RetryPolicy
+from ._retry import RetryPolicy
+from .api import BithumanAPI
 from .avatar import AvatarSession
 from .exceptions import (
     AgentGenerationFailedError,
@@ -38,11 +39,10 @@ from .exceptions import (
     ServiceUnavailableError,
 )
 from .gestures import GestureTrigger
-from .hub import ModelHub, prefetch
-from .local_runtime import create_runtime
+from .hub import AvatarResolver, CachedModelResolver, ModelHub, prefetch
+from .loader import OpenedAvatar, create_runtime, open_avatar
 from .log import logger
 from .publish import VideoPublishOptions
-from .resolver import AvatarResolver, CachedModelResolver
 from .runtime import AvatarRuntime
 from .settings import DEMO_AVATAR_ID
 from .version import __version__
@@ -81,6 +81,7 @@ __all__ = [
     "ModelNotDownloadableError",
     "ModelNotReadyError",
     "NotCachedError",
+    "OpenedAvatar",
     "RateLimitedError",
     "RetryPolicy",
     "RuntimeLoadError",
@@ -89,6 +90,7 @@ __all__ = [
     "VideoPublishOptions",
     "__version__",
     "create_runtime",
+    "open_avatar",
     "prefetch",
 ]
 

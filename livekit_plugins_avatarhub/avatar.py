@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -18,9 +17,8 @@ from livekit.agents.voice.avatar import AvatarRunner
 
 from livekit import rtc
 
-from . import _compat
-from .api import RetryPolicy
-from .cache import hold
+from . import _compat, settings
+from ._retry import RetryPolicy
 from .exceptions import (
     CLOUD_PLUGIN_HINT,
     AvatarHubError,
@@ -29,22 +27,17 @@ from .exceptions import (
     MissingSecretError,
 )
 from .generator import RuntimeVideoGenerator
-from .local_runtime import check_model_file, load_bithuman_runtime
+from .loader import OpenedAvatar, open_avatar
 from .log import logger
 from .publish import VideoPublishOptions, avatar_runner
-from .resolver import AvatarResolver
-from .runtime import AvatarRuntime
-from .settings import (
-    DEMO_AVATAR_ID,
-    env_or,
-    is_cloud_only,
-    model_family,
-    redact,
-    validate_avatar_id,
-)
+from .runtime import AvatarRuntime, renew_for_job
+from .settings import DEMO_AVATAR_ID, env_or, is_cloud_only, is_demo, model_family, redact
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
+
+    from .hub import AvatarResolver
+    from .participant import ServiceAvatar
 
 _AVATAR_PARTICIPANT = "bithuman-avatar-agent"
 
@@ -90,17 +83,15 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         if mode not in ("local", "participant"):
             raise ConfigurationError("mode must be 'local' or 'participant'")
         self._mode = mode
-        self._service_url = env_or(service_url, "AVATARHUB_SERVICE_URL")
-        self._service_key = env_or(service_key, "AVATARHUB_SERVICE_KEY")
         if utils.is_given(avatar_image) and avatar_image is not None:
             raise CloudOnlyError(
                 "avatar_image= starts a cloud photo session (Expression 1), which has no local "
                 "runtime; create an agent from the photo and pass avatar_id=, or "
                 f"{CLOUD_PLUGIN_HINT}"
             )
-        self._api_url = env_or(api_url, "BITHUMAN_API_URL")
-        self._api_secret = env_or(api_secret, "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY")
-        self._api_token = env_or(api_token, "BITHUMAN_API_TOKEN")
+        self._api_url = settings.runtime_auth_url(api_url)
+        self._api_secret = settings.bithuman_secret(api_secret)
+        self._api_token = settings.bithuman_token(api_token)
         self._model = model if utils.is_given(model) and model else None
         if self._model is not None and not is_cloud_only(self._model):
             model_family(self._model)  # rejects unknown names now, not at start()
@@ -112,30 +103,47 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
 
         given_runtime = runtime if utils.is_given(runtime) else None
         self._runtime: AvatarRuntime | None = given_runtime
-        self._owns_runtime = given_runtime is None
         self._avatar_id, self._model_path = self._choose_source(avatar_id, model_path)
+        self._retry = RetryPolicy.from_conn_options(conn_options)
+        self._service: ServiceAvatar | None = None
         if mode == "participant":
-            if not self._service_url:
-                raise ConfigurationError(
-                    "mode='participant' needs the avatar service: pass service_url= or set "
-                    "AVATARHUB_SERVICE_URL (run one with "
-                    "`python -m livekit_plugins_avatarhub serve`)"
-                )
-            if self._model_path or given_runtime is not None:
-                raise ConfigurationError(
-                    "mode='participant' renders in the avatar service: pass avatar_id=, not "
-                    "model_path= or runtime="
-                )
-        elif given_runtime is None and self._avatar_id != DEMO_AVATAR_ID:
+            self._service = self._service_avatar(service_url, service_key, given_runtime)
+        elif given_runtime is None and not is_demo(self._avatar_id):
             self._require_secret()
 
         self._resolver = resolver if utils.is_given(resolver) else None
         self._runner: AvatarRunner | None = None
         self._generator: RuntimeVideoGenerator | None = None
-        self._holds = contextlib.ExitStack()
-        self._room_name: str | None = None
+        self._opened: OpenedAvatar | None = None  # what this session loaded (runtime + lease)
         self._started = False
         self._closed = False
+
+    def _service_avatar(
+        self, url: NotGivenOr[str], key: NotGivenOr[str], runtime: AvatarRuntime | None
+    ) -> ServiceAvatar:
+        from .participant import ServiceAvatar
+
+        service_url = settings.service_url(url)
+        if not service_url:
+            raise ConfigurationError(
+                "mode='participant' needs the avatar service: pass service_url= or set "
+                "AVATARHUB_SERVICE_URL (run one with `python -m livekit_plugins_avatarhub serve`)"
+            )
+        if self._model_path or runtime is not None:
+            raise ConfigurationError(
+                "mode='participant' renders in the avatar service: pass avatar_id=, not "
+                "model_path= or runtime="
+            )
+        assert self._avatar_id is not None
+        return ServiceAvatar(
+            service_url=service_url,
+            service_key=settings.service_key(key),
+            agent_id=self._avatar_id,
+            model=self._model,
+            identity=self._participant_identity,
+            name=self._participant_name,
+            retry=self._retry,
+        )
 
     def _choose_source(
         self, avatar_id: NotGivenOr[str], model_path: NotGivenOr[str | None]
@@ -146,10 +154,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         if arg_id and arg_path:
             raise ConfigurationError("pass avatar_id= or model_path=, not both")
         if not arg_id and not arg_path:
-            env_id, env_path = (
-                env_or(None, "BITHUMAN_AVATAR_ID"),
-                env_or(None, "BITHUMAN_MODEL_PATH"),
-            )
+            env_id, env_path = settings.avatar_from_env()
             if env_id and env_path and self._runtime is None:
                 raise ConfigurationError(
                     "both BITHUMAN_AVATAR_ID and BITHUMAN_MODEL_PATH are set; unset one, or pass "
@@ -162,8 +167,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 "built-in demo) or model_path= (an .imx file), or set BITHUMAN_AVATAR_ID / "
                 "BITHUMAN_MODEL_PATH"
             )
-        if arg_id and arg_id != DEMO_AVATAR_ID:
-            validate_avatar_id(arg_id)
+        if arg_id and not is_demo(arg_id):
+            settings.validate_avatar_id(arg_id)
         if arg_path and self._model is not None:
             logger.debug("model=%r is ignored with model_path: the file decides", self._model)
         return arg_id, arg_path
@@ -195,7 +200,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
 
     @property
     def avatar_identity(self) -> str:
-        if self._mode == "participant":
+        if self._service is not None:
             return self._participant_identity
         # rendered in this process: the agent's own participant publishes the avatar
         room = getattr(self, "_room", None)
@@ -239,10 +244,17 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         if self._started:
             raise AvatarHubError("this AvatarSession was already started; create one per job")
         self._started = True
-        if self._mode == "participant":
-            await self._start_participant(
-                agent_session, room, livekit_url, livekit_api_key, livekit_api_secret
+        if self._service is not None:
+            await self._service.start(
+                room,
+                livekit_url=livekit_url if utils.is_given(livekit_url) else None,
+                livekit_api_key=livekit_api_key if utils.is_given(livekit_api_key) else None,
+                livekit_api_secret=livekit_api_secret
+                if utils.is_given(livekit_api_secret)
+                else None,
             )
+            await super().start(agent_session, room)
+            self._service.route_speech(agent_session, room)
             return
         try:
             runtime = await self._load_runtime()
@@ -266,102 +278,32 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
             },
         )
 
-    async def _start_participant(
-        self, agent_session: AgentSession[Any], room: rtc.Room, url: Any, key: Any, secret: Any
-    ) -> None:
-        from . import participant
-
-        lk_url, lk_key, lk_secret = participant.livekit_credentials(
-            url if utils.is_given(url) else None,
-            key if utils.is_given(key) else None,
-            secret if utils.is_given(secret) else None,
-        )
-        token = participant.avatar_token(
-            api_key=lk_key,
-            api_secret=lk_secret,
-            room=room.name,
-            identity=self._participant_identity,
-            name=self._participant_name,
-            on_behalf_of=room.local_participant.identity,
-        )
-        assert self._service_url is not None and self._avatar_id is not None
-        options = self._conn_options
-        await participant.launch_avatar(
-            service_url=self._service_url,
-            service_key=self._service_key,
-            agent_id=self._avatar_id,
-            model=self._model,
-            livekit_url=lk_url,
-            livekit_token=token,
-            room_name=room.name,
-            retry=RetryPolicy(
-                attempts=max(1, options.max_retry + 1), base_delay=max(0.1, options.retry_interval)
-            ),
-        )
-        await super().start(agent_session, room)
-        participant.route_audio_to(agent_session, room, self._participant_identity)
-        self._room_name = room.name
-        logger.info(
-            "avatar %s launched in the avatar service as %s",
-            self._avatar_id,
-            self._participant_identity,
-        )
-
     async def _load_runtime(self) -> AvatarRuntime:
-        if self._runtime is not None:  # prewarmed: new transaction for this job
-            runtime = self._runtime
-            regenerate = getattr(runtime, "_regenerate_transaction_id", None)
-            if regenerate is not None:
-                regenerate()
-            initialize = getattr(runtime, "_initialize_token", None)
-            if initialize is not None:
-                await _compat.maybe_await(initialize())
-            return runtime
-        if self._avatar_id == DEMO_AVATAR_ID:
-            from .demo import DemoRuntime
-
-            size = self._output_size or (1280, 720)
-            self._runtime = await DemoRuntime.create(output_size=size)
+        if self._runtime is not None:  # prewarmed: make it ready for this job
+            await renew_for_job(self._runtime)
             return self._runtime
-        path = await self._model_file()
-        self._holds.enter_context(await asyncio.to_thread(_hold_file, path))
-        self._runtime = await load_bithuman_runtime(
-            path,
+        self._opened = await open_avatar(
+            self._avatar_id,
+            model_path=self._model_path if self._avatar_id is None else None,
+            model=self._model,
             api_secret=self._api_secret,
             api_token=self._api_token,
             api_url=self._api_url,
             output_size=self._output_size,
+            resolver=self._resolver,
+            retry=self._retry,
+            timeout=max(self._conn_options.timeout, 30.0),
         )
+        self._runtime = self._opened.runtime
         return self._runtime
 
-    async def _model_file(self) -> Path:
-        if self._model_path:
-            return await asyncio.to_thread(check_model_file, self._model_path)
-        assert self._avatar_id is not None
-        resolver = self._resolver or self._default_resolver()
-        path = await resolver.resolve(self._avatar_id, model=self._model)
-        return await asyncio.to_thread(check_model_file, path)
-
-    def _default_resolver(self) -> AvatarResolver:
-        from .hub import ModelHub
-
-        options = self._conn_options
-        retry = RetryPolicy(
-            attempts=max(1, options.max_retry + 1), base_delay=max(0.1, options.retry_interval)
-        )
-        return ModelHub(
-            api_secret=self._api_secret, retry=retry, timeout=max(options.timeout, 30.0)
-        )
-
     async def _release_runtime(self) -> None:
-        runtime, self._runtime = self._runtime, None
-        if runtime is not None:
-            if self._owns_runtime:
-                runtime.cleanup()
-            else:
-                runtime.interrupt()
-                self._runtime = runtime  # still the caller's; keep it reachable
-        self._holds.close()
+        opened, self._opened = self._opened, None
+        if opened is not None:  # loaded here: free the runtime and the model's lease
+            self._runtime = None
+            await opened.aclose()
+        elif self._runtime is not None:  # the caller's (runtime=): stop talking, keep it
+            self._runtime.interrupt()
 
     async def aclose(self) -> None:
         """Stop rendering and free the runtime this session loaded. Safe to call twice.
@@ -371,16 +313,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         if self._closed:
             return
         self._closed = True
-        if self._mode == "participant":
-            if self._started and self._room_name and self._service_url and self._avatar_id:
-                from . import participant
-
-                await participant.leave(
-                    service_url=self._service_url,
-                    service_key=self._service_key,
-                    agent_id=self._avatar_id,
-                    room_name=self._room_name,
-                )
+        if self._service is not None:
+            await self._service.aclose()
             await super().aclose()  # removes the avatar participant (livekit-agents 1.5.13+)
             return
         if self._runner is not None:
@@ -389,12 +323,3 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         await self._release_runtime()
         _compat.detach_room(self)
         await super().aclose()
-
-
-def _hold_file(path: Path) -> contextlib.ExitStack:
-    """Open the lease now (blocking), hand back the context to keep it for the session."""
-    lease = hold(path)
-    lease.__enter__()
-    stack = contextlib.ExitStack()
-    stack.push(lease)
-    return stack

@@ -247,16 +247,6 @@ class ModelCache:
         return evicted
 
 
-def max_cache_bytes() -> int:
-    raw = os.environ.get("BITHUMAN_AVATAR_CACHE_GB", "10")
-    try:
-        gb = float(raw)
-    except ValueError:
-        logger.warning("BITHUMAN_AVATAR_CACHE_GB=%r is not a number; using 10", raw)
-        gb = 10.0
-    return int(gb * (1 << 30))
-
-
 if sys.platform == "win32":  # pragma: no cover - Windows refuses to delete open files itself
 
     @contextlib.contextmanager

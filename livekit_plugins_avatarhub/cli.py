@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .local_runtime import create_runtime
+    from .loader import open_avatar, split_source
     from .render import SAMPLE_AUDIO, render
 
     audio = Path(args.audio) if args.audio else SAMPLE_AUDIO
@@ -231,8 +231,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     async def run() -> int:
         from tqdm import tqdm
 
-        runtime = await create_runtime(
-            args.avatar,
+        avatar_id, model_path = split_source(args.avatar)
+        opened = await open_avatar(
+            avatar_id,
+            model_path=model_path,
             api_secret=args.api_secret,
             model=args.model,
             output_size=(width, height),
@@ -246,10 +248,10 @@ def cmd_render(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         try:
-            result = await render(runtime, audio, Path(args.output), on_frame=on_frame)
+            result = await render(opened.runtime, audio, Path(args.output), on_frame=on_frame)
         finally:
             bar.close()
-            runtime.cleanup()
+            await opened.aclose()
         print(
             f"{result.path}: {result.frames} frames at {result.fps} FPS, "
             f"{result.width}x{result.height}, {result.audio_seconds:.2f} s of audio"
@@ -346,9 +348,9 @@ def cmd_agents_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_gestures(args: argparse.Namespace) -> int:
-    from .settings import DEMO_AVATAR_ID
+    from .settings import is_demo
 
-    if args.agent_id == DEMO_AVATAR_ID:
+    if is_demo(args.agent_id):
         from .demo import DemoRuntime
 
         for action in DemoRuntime.ACTIONS:
@@ -369,7 +371,7 @@ def cmd_gestures(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from . import settings
 
     try:
         from .service.app import serve
@@ -378,12 +380,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"error: {err}; install the service extra: "
             "pip install 'livekit-plugins-avatarhub[service]'"
         ) from None
-    key = args.key or os.environ.get("AVATARHUB_SERVICE_KEY")
+    key = settings.service_key(args.key)
     if not key:
         raise SystemExit("error: set AVATARHUB_SERVICE_KEY (or --key): clients must authenticate")
     if args.max_workers < 1:
         raise SystemExit("error: --max-workers must be at least 1")
-    secret = args.api_secret or os.environ.get("BITHUMAN_API_SECRET")
+    secret = settings.bithuman_secret(args.api_secret)
     asyncio.run(
         serve(
             host=args.host, port=args.port, key=key, api_secret=secret, max_workers=args.max_workers

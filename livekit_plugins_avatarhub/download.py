@@ -23,7 +23,7 @@ from pathlib import Path
 import aiofiles
 import httpx
 
-from .api import RetryPolicy
+from ._retry import RetryPolicy
 from .cache import INCOMPLETE_SUFFIX, cache_error
 from .exceptions import APIConnectionError, APIError, APIStatusError, IntegrityError
 from .log import logger

@@ -115,9 +115,9 @@ class GestureTrigger:
 
         ``agent_id="demo"`` uses the demo avatar's gestures, with no request.
         """
-        from .settings import DEMO_AVATAR_ID
+        from .settings import is_demo
 
-        if agent_id == DEMO_AVATAR_ID:
+        if is_demo(agent_id):
             from .demo import DemoRuntime
 
             return cls(target, DemoRuntime.ACTIONS, **options)

@@ -9,6 +9,9 @@ The decision, in order:
 4. a cached file that still matches (same sha256, or same size and ETag at the storage host)
    is kept; otherwise the file is downloaded, verified and moved into place.
 5. least-recently-used models beyond ``BITHUMAN_AVATAR_CACHE_GB`` are evicted.
+
+Anything that turns ids into files is an :class:`AvatarResolver`; ``ModelHub`` is the one this
+package ships, and ``CachedModelResolver`` is the same hub with the network switched off.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import httpx
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
-from .api import BithumanAPI, ModelDownload, RetryPolicy
-from .cache import ModelCache, ModelRecord, max_cache_bytes
+from ._retry import RetryPolicy
+from .api import BithumanAPI, ModelDownload
+from .cache import ModelCache, ModelRecord
 from .download import Downloaded, Progress, download, probe, public_location
 from .exceptions import (
     CLOUD_PLUGIN_HINT,
@@ -38,13 +43,14 @@ from .exceptions import (
 from .log import logger
 from .settings import (
     DOWNLOADABLE_FAMILIES,
-    env_flag,
     is_cloud_only,
+    max_cache_bytes,
     model_family,
+    offline_mode,
     validate_avatar_id,
 )
+from .settings import fresh_for as fresh_for_setting
 
-DEFAULT_FRESH_FOR = 24 * 3600.0
 DEFAULT_LOCK_TIMEOUT = 30 * 60.0
 # when an agent's cloud-only model is asked for, what to render locally instead, best first
 _CLOUD_FALLBACK = ("expression-2", "essence-2", "essence-1")
@@ -65,6 +71,15 @@ def safe_filename(name: str | None, code: str, family: str | None) -> str:
     return base[-200:]
 
 
+@runtime_checkable
+class AvatarResolver(Protocol):
+    """Turns an avatar id into a local model file; ``AvatarSession(resolver=...)`` takes one."""
+
+    async def resolve(self, avatar_id: str, *, model: str | None = None) -> Path:
+        """Return the path of a model file for ``avatar_id`` (optionally of ``model``'s family)."""
+        ...
+
+
 class ModelHub:
     """Resolves bitHuman avatar ids to cached model files (an ``AvatarResolver``).
 
@@ -77,7 +92,7 @@ class ModelHub:
         *,
         api_secret: str | None = None,
         api_base: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | ModelCache | None = None,
         offline: bool | None = None,
         fresh_for: float | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
@@ -85,14 +100,9 @@ class ModelHub:
         timeout: float = 30.0,
         progress: Progress | None = None,
     ) -> None:
-        self.cache = ModelCache(cache_dir)
-        self.offline = env_flag("AVATARHUB_OFFLINE") if offline is None else offline
-        if fresh_for is None:
-            raw = os.environ.get("AVATARHUB_FRESH_FOR")
-            fresh_for = (
-                float(raw) if raw and raw.replace(".", "", 1).isdigit() else DEFAULT_FRESH_FOR
-            )
-        self.fresh_for = fresh_for
+        self.cache = cache_dir if isinstance(cache_dir, ModelCache) else ModelCache(cache_dir)
+        self.offline = offline_mode(offline)
+        self.fresh_for = fresh_for_setting(fresh_for)
         self.lock_timeout = lock_timeout
         self.retry = retry or RetryPolicy()
         self._timeout = timeout
@@ -112,10 +122,12 @@ class ModelHub:
         cached = await asyncio.to_thread(self.cache.find, code, family)
         if self.offline:
             if cached is None:
+                wanted = f" ({family})" if family else ""
                 raise NotCachedError(
-                    f"avatar {code} is not cached in {self.cache.agent_dir(code)} and offline mode "
-                    f"is on (AVATARHUB_OFFLINE); run `python -m livekit_plugins_avatarhub pull "
-                    f"{code}` on a connected machine first"
+                    f"avatar {code}{wanted} is not in the cache {self.cache.agent_dir(code)} and "
+                    "offline mode is on (AVATARHUB_OFFLINE, or a cache-only resolver); run "
+                    f"`python -m livekit_plugins_avatarhub pull {code}` with BITHUMAN_API_SECRET "
+                    "set on a connected machine, or point BITHUMAN_CACHE_DIR at a cache that has it"
                 )
             return await self._use(code, cached)
         if cached is not None and self._is_fresh(code, cached):
@@ -261,6 +273,16 @@ class ModelHub:
             f"avatar {code} is available only as {', '.join(candidates) or model!r}, which renders "
             f"only in bitHuman's cloud; {CLOUD_PLUGIN_HINT}"
         )
+
+
+class CachedModelResolver(ModelHub):
+    """A :class:`ModelHub` that never uses the network: ids resolve to what is already cached.
+
+    Models it hands out are marked as used, so the cache's LRU eviction sees them as live.
+    """
+
+    def __init__(self, cache: ModelCache | None = None, **options: object) -> None:
+        super().__init__(cache_dir=cache, offline=True, **options)  # type: ignore[arg-type]
 
 
 def _family_of(info: ModelDownload, asked: str | None) -> str | None:

@@ -9,7 +9,6 @@ no bitHuman secret goes into the participant's attributes: the service holds its
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -17,36 +16,83 @@ import httpx
 from livekit import rtc
 
 from . import _compat
-from .api import RetryPolicy, status_error, with_retries
-from .exceptions import APIConnectionError, ConfigurationError
+from ._retry import RetryPolicy, with_retries
+from .api import status_error
+from .exceptions import APIConnectionError
 from .log import logger
+from .settings import livekit_credentials
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
 
-def livekit_credentials(
-    url: str | None, key: str | None, secret: str | None
-) -> tuple[str, str, str]:
-    url = url or os.environ.get("LIVEKIT_URL")
-    key = key or os.environ.get("LIVEKIT_API_KEY")
-    secret = secret or os.environ.get("LIVEKIT_API_SECRET")
-    missing = [
-        name
-        for name, v in (
-            ("LIVEKIT_URL", url),
-            ("LIVEKIT_API_KEY", key),
-            ("LIVEKIT_API_SECRET", secret),
+class ServiceAvatar:
+    """The participant-mode half of ``AvatarSession``: launch, route speech, leave."""
+
+    def __init__(
+        self,
+        *,
+        service_url: str,
+        service_key: str | None,
+        agent_id: str,
+        model: str | None,
+        identity: str,
+        name: str,
+        retry: RetryPolicy,
+    ) -> None:
+        self.service_url, self._service_key = service_url, service_key
+        self.agent_id, self.model = agent_id, model
+        self.identity, self.name = identity, name
+        self._retry = retry
+        self._room_name: str | None = None
+
+    async def start(
+        self,
+        room: rtc.Room,
+        *,
+        livekit_url: str | None,
+        livekit_api_key: str | None,
+        livekit_api_secret: str | None,
+    ) -> None:
+        """Mint the avatar's token, have the service launch it, send the agent's speech to it."""
+        lk_url, lk_key, lk_secret = livekit_credentials(
+            livekit_url,
+            livekit_api_key,
+            livekit_api_secret,
+            needed_for="mode='participant' mints a token for the avatar",
         )
-        if not v
-    ]
-    if missing:
-        raise ConfigurationError(
-            f"mode='participant' mints a token for the avatar: set {', '.join(missing)} "
-            "(or pass livekit_url= / livekit_api_key= / livekit_api_secret= to start())"
+        token = avatar_token(
+            api_key=lk_key,
+            api_secret=lk_secret,
+            room=room.name,
+            identity=self.identity,
+            name=self.name,
+            on_behalf_of=room.local_participant.identity,
         )
-    assert url and key and secret
-    return url, key, secret
+        await launch_avatar(
+            service_url=self.service_url,
+            service_key=self._service_key,
+            agent_id=self.agent_id,
+            model=self.model,
+            livekit_url=lk_url,
+            livekit_token=token,
+            room_name=room.name,
+            retry=self._retry,
+        )
+        self._room_name = room.name
+
+    def route_speech(self, agent_session: AgentSession[Any], room: rtc.Room) -> None:
+        route_audio_to(agent_session, room, self.identity)
+        logger.info("avatar %s launched in the avatar service as %s", self.agent_id, self.identity)
+
+    async def aclose(self) -> None:
+        if self._room_name is not None:
+            await leave(
+                service_url=self.service_url,
+                service_key=self._service_key,
+                agent_id=self.agent_id,
+                room_name=self._room_name,
+            )
 
 
 def avatar_token(

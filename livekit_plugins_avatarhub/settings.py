@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from .exceptions import CLOUD_PLUGIN_HINT, CloudOnlyError, ConfigurationError, InvalidAvatarIdError
+from .log import logger
 
 DEFAULT_API_BASE = "https://api.bithuman.ai"
 DEMO_AVATAR_ID = "demo"
+DEFAULT_FRESH_FOR = 24 * 3600.0
+DEFAULT_CACHE_GB = 10.0
 
-AVATAR_ID_PATTERN = re.compile(r"^[A-Z][A-Z0-9]{9}$")
+# match with fullmatch(): "$" would also accept a trailing newline
+AVATAR_ID_PATTERN = re.compile(r"[A-Z][A-Z0-9]{9}")
 
 # bitHuman's spelling → the family the download API expects. None: cloud-only.
 _MODEL_FAMILIES: dict[str, str | None] = {
@@ -46,6 +50,91 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+# -- bitHuman credentials and the avatar to render ---------------------------------------------
+
+
+def bithuman_secret(value: Any = None) -> str | None:
+    """``api_secret``: argument, ``BITHUMAN_API_SECRET``, then ``BITHUMAN_API_KEY`` (the SDK's)."""
+    return env_or(value, "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY")
+
+
+def bithuman_token(value: Any = None) -> str | None:
+    return env_or(value, "BITHUMAN_API_TOKEN")
+
+
+def runtime_auth_url(value: Any = None) -> str | None:
+    """The runtime's token-request URL (``BITHUMAN_API_URL``, as LiveKit's plugin reads it)."""
+    return env_or(value, "BITHUMAN_API_URL")
+
+
+def avatar_from_env() -> tuple[str | None, str | None]:
+    """``(BITHUMAN_AVATAR_ID, BITHUMAN_MODEL_PATH)``, either possibly unset."""
+    return env_or(None, "BITHUMAN_AVATAR_ID"), env_or(None, "BITHUMAN_MODEL_PATH")
+
+
+# -- the avatar service and LiveKit --------------------------------------------------------------
+
+
+def service_url(value: Any = None) -> str | None:
+    return env_or(value, "AVATARHUB_SERVICE_URL")
+
+
+def service_key(value: Any = None) -> str | None:
+    return env_or(value, "AVATARHUB_SERVICE_KEY")
+
+
+def livekit_credentials(
+    url: str | None, key: str | None, secret: str | None, *, needed_for: str
+) -> tuple[str, str, str]:
+    """LiveKit's URL, API key and secret: arguments, then ``LIVEKIT_*``; all three required."""
+    values = (
+        env_or(url, "LIVEKIT_URL"),
+        env_or(key, "LIVEKIT_API_KEY"),
+        env_or(secret, "LIVEKIT_API_SECRET"),
+    )
+    names = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+    missing = [name for name, v in zip(names, values, strict=True) if not v]
+    if missing:
+        raise ConfigurationError(
+            f"{needed_for}: set {', '.join(missing)} (or pass livekit_url= / livekit_api_key= / "
+            "livekit_api_secret= to start())"
+        )
+    return values[0] or "", values[1] or "", values[2] or ""
+
+
+# -- the cache ---------------------------------------------------------------------------------
+
+
+def offline_mode(value: bool | None = None) -> bool:
+    return env_flag("AVATARHUB_OFFLINE") if value is None else value
+
+
+def fresh_for(value: float | None = None) -> float:
+    """Seconds a validated model is used without asking bitHuman (``AVATARHUB_FRESH_FOR``)."""
+    if value is not None:
+        return value
+    return _env_number("AVATARHUB_FRESH_FOR", DEFAULT_FRESH_FOR)
+
+
+def max_cache_bytes() -> int:
+    """The cache cap, shared with the bithuman SDK: ``BITHUMAN_AVATAR_CACHE_GB`` (default 10)."""
+    return int(_env_number("BITHUMAN_AVATAR_CACHE_GB", DEFAULT_CACHE_GB) * (1 << 30))
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        logger.warning("%s=%r is not a non-negative number; using %s", name, raw, default)
+        return default
+    return value
+
+
 def api_base(value: str | None = None) -> str:
     """The REST base: argument, ``BITHUMAN_API_BASE``, then the public API.
 
@@ -67,8 +156,17 @@ def cache_root(value: str | os.PathLike[str] | None = None) -> Path:
     return Path(raw).expanduser() if raw else Path.home() / ".cache" / "bithuman"
 
 
+def is_demo(source: object) -> bool:
+    """Whether ``source`` names the built-in demo avatar."""
+    return source == DEMO_AVATAR_ID
+
+
+def is_agent_code(value: object) -> bool:
+    return isinstance(value, str) and AVATAR_ID_PATTERN.fullmatch(value) is not None
+
+
 def validate_avatar_id(code: str) -> str:
-    if not isinstance(code, str) or not AVATAR_ID_PATTERN.match(code):
+    if not is_agent_code(code):
         raise InvalidAvatarIdError(
             f"avatar id {code!r} is not a bitHuman agent code (10 characters, an upper-case "
             f"letter then upper-case letters or digits, e.g. 'A91XMB7113'); "

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bithuman_server import FakeBithumanService
 from fakes import FakeBithuman, write_fake_model
 
 _ENV = [
@@ -51,3 +53,21 @@ def fake_bithuman(monkeypatch: pytest.MonkeyPatch) -> type[FakeBithuman]:
 @pytest.fixture
 def model_file(tmp_path: Path) -> str:
     return write_fake_model(tmp_path / "avatar.imx", seed=b"model-a")
+
+
+@pytest.fixture
+def bithuman_api() -> Iterator[FakeBithumanService]:
+    """bitHuman's REST API and its model storage, two real servers on 127.0.0.1."""
+    with FakeBithumanService() as api:
+        yield api
+
+
+
+@pytest.fixture
+def bithuman_env(
+    bithuman_api: FakeBithumanService, monkeypatch: pytest.MonkeyPatch
+) -> FakeBithumanService:
+    """The same servers, configured through the environment as a user would."""
+    monkeypatch.setenv("BITHUMAN_API_BASE", bithuman_api.api_base)
+    monkeypatch.setenv("BITHUMAN_API_SECRET", SECRET)
+    return bithuman_api

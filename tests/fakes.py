@@ -4,17 +4,22 @@
 participant that publishes tracks). Published tracks are real ``rtc`` tracks, so tests read the
 frames back through real ``rtc.VideoStream``/``rtc.AudioStream`` objects.
 
-``FakeBithuman`` reproduces ``bithuman.AsyncBithuman.create``'s check order and exceptions, and
-renders through the same paced engine contract (bithuman's own ``VideoFrame``/``AudioChunk``).
-Its frames are a flat colour derived from the model file, so tests can tell which file was loaded.
+``FakeBithuman`` is ``bithuman.AsyncBithuman`` as its contract describes it (``runtime.py``),
+written from that contract and bithuman's own ``VideoFrame``/``AudioChunk``/exceptions, and
+independent of the package's demo engine (which the contract tests check against it). Its frames
+are a flat colour derived from the model file, so tests can tell which file was loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import struct
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +27,6 @@ import bithuman
 import numpy as np
 
 from livekit import rtc
-from livekit_plugins_avatarhub.runtime import FrameState, PacedRuntime
 
 FAKE_MODEL_MAGIC = b"IMX\x00fake-model"
 # bithuman 0.8.1 predates the exception classes (BithumanError, ModelNotFoundError, ...)
@@ -66,26 +70,54 @@ def write_fake_model(
 
 
 def model_colour(path: str) -> tuple[int, int, int]:
-    digest = hashlib.sha256(open(path, "rb").read()).digest()
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).digest()
     return digest[0], digest[1], digest[2]
 
 
-class FakeBithuman(PacedRuntime):
-    """Same interface and failure order as the installed ``bithuman.AsyncBithuman`` (0.8.1 or 2.x)."""
+@dataclass
+class _Reply:
+    """One reply's int16 audio at 16 kHz, as bytes not yet turned into frames."""
+
+    message_id: str
+    pcm: bytearray = field(default_factory=bytearray)
+    ended: bool = False
+
+
+class FakeBithuman:
+    """``bithuman.AsyncBithuman`` as the contract describes it, written from that contract alone.
+
+    ``create`` follows the installed bithuman line's check order and exceptions (0.8.1 or 2.x);
+    ``run`` paces ``bithuman.VideoFrame``s at ``settings.FPS``, each talking frame carrying
+    exactly ``INPUT_SAMPLE_RATE / FPS`` samples, the last one of a reply padded and marked
+    ``end_of_speech``. Pixels are a flat colour derived from the model file (so a test can tell
+    which file was loaded), with a white bar at the bottom left while the audio is loud.
+    """
 
     #: set False to simulate an offline machine: auth fails as in the real SDK (RuntimeError)
     auth_reachable = True
     created: list[FakeBithuman] = []
 
-    def __init__(self, model_path: str, output_size: tuple[int, int], **kwargs: Any) -> None:
-        super().__init__(output_size=output_size, **kwargs)
+    class settings:
+        FPS = 25
+        INPUT_SAMPLE_RATE = 16000
+
+    def __init__(self, model_path: str, output_size: tuple[int, int]) -> None:
         self.model_path = model_path
+        self.output_size = output_size
         self.colour = model_colour(model_path)
+        self.transaction_id = uuid.uuid4().hex
         self.create_kwargs: dict[str, Any] = {}
         self.cleaned_up = 0
         self.interrupts = 0
         self.pushed_controls: list[bithuman.VideoControl] = []
         self.token_initialisations = 0
+        self._replies: deque[_Reply] = deque()
+        self._frame_bytes = 2 * self.settings.INPUT_SAMPLE_RATE // self.settings.FPS
+        self._frame_index = 0
+        self._stop = asyncio.Event()
+
+    # -- creation, as the installed SDK does it ------------------------------------------------
 
     @classmethod
     async def create(cls, **kwargs: Any) -> FakeBithuman:
@@ -171,30 +203,123 @@ class FakeBithuman(PacedRuntime):
         cls.created.append(runtime)
         return runtime
 
-    def render(self, state: FrameState) -> np.ndarray:
-        w, h = self.output_size
-        image = np.empty((h, w, 3), np.uint8)
-        image[:] = self.colour
-        # the mouth as a bar whose height follows the audio, like a real avatar's lips
-        bar = int(state.mouth * (h // 4))
-        if bar:
-            image[h - bar :, : w // 8] = 255
-        return image
+    # -- input ----------------------------------------------------------------------------
 
-    def interrupt(self) -> None:
-        self.interrupts += 1
-        super().interrupt()
+    async def push_audio(self, data: bytes, sample_rate: int, last_chunk: bool = True) -> None:
+        pcm = bytes(data)
+        if sample_rate != self.settings.INPUT_SAMPLE_RATE:
+            pcm = _resampled(pcm, sample_rate, self.settings.INPUT_SAMPLE_RATE)
+        reply = self._open_reply()
+        reply.pcm += pcm
+        reply.ended = last_chunk
+
+    async def flush(self) -> None:
+        if self._replies and not self._replies[-1].ended:
+            self._replies[-1].ended = True
 
     async def push(self, control: bithuman.VideoControl) -> None:
         self.pushed_controls.append(control)
-        await super().push(control)
+        if control.audio is not None:
+            await self.push_audio(
+                control.audio.bytes, control.audio.sample_rate, control.audio.last_chunk
+            )
+        if control.end_of_speech:
+            await self.flush()
+
+    def interrupt(self) -> None:
+        self.interrupts += 1
+        self._replies.clear()
+
+    def _open_reply(self) -> _Reply:
+        if not self._replies or self._replies[-1].ended:
+            self._replies.append(_Reply(str(uuid.uuid4())))
+        return self._replies[-1]
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        self.cleanup()
 
     def cleanup(self) -> None:
-        self.cleaned_up += 1
-        super().cleanup()
+        self.cleaned_up += 1  # counted, so tests see who freed it; a second call is harmless
+        self._stop.set()
+        self._replies.clear()
+
+    def _regenerate_transaction_id(self) -> None:
+        self.transaction_id = uuid.uuid4().hex
 
     async def _initialize_token(self) -> None:
         self.token_initialisations += 1
+
+    # -- output ---------------------------------------------------------------------------
+
+    def get_first_frame(self) -> np.ndarray:
+        return self._image(None)
+
+    async def run(self) -> AsyncIterator[bithuman.VideoFrame]:
+        loop = asyncio.get_running_loop()
+        period = 1.0 / self.settings.FPS
+        due = loop.time()
+        while not self._stop.is_set():
+            yield self._frame()
+            due += period
+            wait = due - loop.time()
+            if wait < -0.5:  # a stalled host: start counting again rather than burst
+                due = loop.time()
+            elif wait > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), wait)
+
+    def _frame(self) -> bithuman.VideoFrame:
+        index, self._frame_index = self._frame_index, self._frame_index + 1
+        reply = self._replies[0] if self._replies else None
+        if reply is None or (len(reply.pcm) < self._frame_bytes and not reply.ended):
+            # idle, or the reply's next audio has not arrived yet
+            return bithuman.VideoFrame(bgr_image=self._image(None), frame_index=index)
+        if not reply.pcm:  # ended after its audio was used up: a bare end-of-speech frame
+            self._replies.popleft()
+            return bithuman.VideoFrame(
+                bgr_image=self._image(None),
+                frame_index=index,
+                source_message_id=reply.message_id,
+                end_of_speech=True,
+            )
+        chunk = bytes(reply.pcm[: self._frame_bytes]).ljust(self._frame_bytes, b"\0")
+        del reply.pcm[: self._frame_bytes]
+        last = reply.ended and not reply.pcm
+        if last:
+            self._replies.popleft()
+        samples = np.frombuffer(chunk, np.int16).copy()
+        return bithuman.VideoFrame(
+            bgr_image=self._image(samples),
+            audio_chunk=bithuman.AudioChunk(
+                data=samples, sample_rate=self.settings.INPUT_SAMPLE_RATE, last_chunk=last
+            ),
+            frame_index=index,
+            source_message_id=reply.message_id,
+            end_of_speech=last,
+        )
+
+    def _image(self, samples: np.ndarray | None) -> np.ndarray:
+        w, h = self.output_size
+        image = np.empty((h, w, 3), np.uint8)
+        image[:] = self.colour
+        if samples is not None and samples.size:
+            level = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) / 32768.0
+            bar = int(min(1.0, level * 4) * (h // 4))
+            if bar:
+                image[h - bar :, : w // 8] = 255
+        return image
+
+
+def _resampled(pcm: bytes, src: int, dst: int) -> bytes:
+    samples = np.frombuffer(pcm, np.int16).astype(np.float64)
+    n = round(samples.size * dst / src)
+    out = np.interp(np.arange(n) * src / dst, np.arange(samples.size), samples)
+    return out.astype(np.int16).tobytes()
 
 
 # --- a room without a server ----------------------------------------------------------------

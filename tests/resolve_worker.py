@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import sys
 
-from livekit_plugins_avatarhub.api import RetryPolicy
+from livekit_plugins_avatarhub import RetryPolicy
 from livekit_plugins_avatarhub.hub import ModelHub
 
 SECRET = "sk-test-0123456789abcdef"

@@ -7,26 +7,14 @@ import subprocess
 import sys
 import threading
 
-import pytest
-
 from livekit_plugins_avatarhub.cli import main
-
-from bithuman_server import SECRET, FakeBithumanService
 
 CODE = "A91XMB7113"
 
 
-@pytest.fixture
-def service(monkeypatch):
-    with FakeBithumanService() as svc:
-        monkeypatch.setenv("BITHUMAN_API_BASE", svc.api_base)
-        monkeypatch.setenv("BITHUMAN_API_SECRET", SECRET)
-        yield svc
-
-
-def test_pull_ls_rm_prune(service, capsys, clean_env):
-    service.add_agent(CODE, size=300 * 1024)
-    service.add_agent("B000000002", size=200 * 1024)
+def test_pull_ls_rm_prune(bithuman_env, capsys, clean_env):
+    bithuman_env.add_agent(CODE, size=300 * 1024)
+    bithuman_env.add_agent("B000000002", size=200 * 1024)
     assert main(["pull", CODE, "B000000002"]) == 0
     out = capsys.readouterr().out
     assert f"{CODE}\t{clean_env / 'agents' / CODE / (CODE + '.imx')}" in out
@@ -46,7 +34,7 @@ def test_pull_ls_rm_prune(service, capsys, clean_env):
     assert "not cached" in capsys.readouterr().err
 
 
-def test_errors_are_one_line_without_traceback(service, capsys, monkeypatch):
+def test_errors_are_one_line_without_traceback(bithuman_env, capsys, monkeypatch):
     monkeypatch.setenv("BITHUMAN_API_SECRET", "wrong-secret-value")
     assert main(["pull", CODE]) == 1
     err = capsys.readouterr().err
@@ -56,8 +44,8 @@ def test_errors_are_one_line_without_traceback(service, capsys, monkeypatch):
     assert "not a bitHuman agent code" in capsys.readouterr().err
 
 
-def test_pull_shows_a_progress_bar_on_a_terminal(service, clean_env):
-    service.add_agent(CODE, size=3 << 20)
+def test_pull_shows_a_progress_bar_on_a_terminal(bithuman_env, clean_env):
+    bithuman_env.add_agent(CODE, size=3 << 20)
     # tqdm draws only on a terminal; give it one with a pseudo-terminal
     import fcntl
     import pty
@@ -106,13 +94,13 @@ def test_module_help_lists_the_commands():
         assert command in out
 
 
-def test_agents_commands(service, capsys, monkeypatch):
-    service.add_agent(CODE, name="Ava", model="essence-2", supported_models=["essence-2"])
+def test_agents_commands(bithuman_env, capsys, monkeypatch):
+    bithuman_env.add_agent(CODE, name="Ava", model="essence-2", supported_models=["essence-2"])
     assert main(["agents", "ls"]) == 0
     out = capsys.readouterr().out
     assert CODE in out and "Ava" in out and "essence-2" in out and "1 agents" in out
 
-    service.status_script["A000000000"] = [
+    bithuman_env.status_script["A000000000"] = [
         {"status": "processing", "progress": 0.5, "progress_msg": "rendering"},
         {"status": "ready", "progress": 1.0},
     ]
@@ -128,17 +116,17 @@ def test_agents_commands(service, capsys, monkeypatch):
     assert main(["agents", "generate", "--prompt", "a calm narrator", "--wait"]) == 0
     out = capsys.readouterr().out
     assert "A000000000: processing" in out and "A000000000: ready" in out
-    assert service.generated[0]["body"] == {"prompt": "a calm narrator"}
+    assert bithuman_env.generated[0]["body"] == {"prompt": "a calm narrator"}
 
     assert main(["agents", "status", "A000000000"]) == 0
     assert "A000000000: ready 100%" in capsys.readouterr().out
-    service.status_script["A000000001"] = [{"status": "failed", "error_message": "bad image"}]
+    bithuman_env.status_script["A000000001"] = [{"status": "failed", "error_message": "bad image"}]
     assert main(["agents", "status", "A000000001"]) == 1
     assert "bad image" in capsys.readouterr().out
 
 
-def test_gestures_command(service, capsys):
-    service.add_agent(
+def test_gestures_command(bithuman_env, capsys):
+    bithuman_env.add_agent(
         CODE, gestures={"laugh_react": "https://v/l.mp4", "mini_wave_hello": "https://v/w.mp4"}
     )
     assert main(["gestures", CODE]) == 0

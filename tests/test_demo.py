@@ -15,9 +15,8 @@ import pytest
 from livekit import rtc
 from livekit_plugins_avatarhub import AvatarSession, VideoControl
 from livekit_plugins_avatarhub.cli import main
-from livekit_plugins_avatarhub.demo import DemoRuntime
+from livekit_plugins_avatarhub.demo import DemoRuntime, FrameState
 from livekit_plugins_avatarhub.render import SAMPLE_AUDIO
-from livekit_plugins_avatarhub.runtime import FrameState
 
 from fakes import sine_frames
 from test_session_pipeline import running

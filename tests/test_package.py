@@ -49,6 +49,8 @@ PUBLIC = {
     "prefetch",
     "GestureTrigger",
     "create_runtime",
+    "open_avatar",
+    "OpenedAvatar",
     "AgentGenerationFailedError",
     "AgentNotReadyError",
 }

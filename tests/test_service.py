@@ -19,6 +19,7 @@ from aiohttp import web
 
 from livekit_plugins_avatarhub.demo import DemoRuntime
 from livekit_plugins_avatarhub.exceptions import AvatarNotFoundError
+from livekit_plugins_avatarhub.loader import OpenedAvatar
 from livekit_plugins_avatarhub.service import AvatarWorker, WorkerManager
 from livekit_plugins_avatarhub.service.app import create_app
 
@@ -43,23 +44,23 @@ class Harness:
         self.rooms: list[FakeRoom] = []
         self.runtimes: list[DemoRuntime] = []
 
-    async def runtime(self, agent_id: str, model: str | None) -> DemoRuntime:
+    async def open(self, agent_id: str, model: str | None) -> OpenedAvatar:
         if agent_id == "B000000000":
             raise AvatarNotFoundError("agent B000000000: HTTP 404 (NOT_FOUND)", status_code=404)
         runtime = await DemoRuntime.create(output_size=(160, 120))
         self.runtimes.append(runtime)
-        return runtime
+        return OpenedAvatar(runtime)
 
     def room(self) -> FakeRoom:
         self.rooms.append(FakeRoom())
         return self.rooms[-1]
 
     def worker(self, **kwargs) -> AvatarWorker:
-        return AvatarWorker(runtime_factory=self.runtime, room_factory=self.room, **kwargs)
+        return AvatarWorker(opener=self.open, room_factory=self.room, **kwargs)
 
 
 @pytest.fixture
-async def service():
+async def avatar_service():
     harness = Harness()
     manager = WorkerManager(harness.worker, max_workers=2)
     runner = web.AppRunner(create_app(manager, key=KEY))
@@ -83,8 +84,8 @@ def join_body(room: str = "room-a", **extra) -> dict:
     }
 
 
-async def test_auth_is_required(service):
-    client, _, _ = service
+async def test_auth_is_required(avatar_service):
+    client, _, _ = avatar_service
     for headers in ({"authorization": ""}, {"authorization": "Bearer nope"}):
         r = await client.post("/v1/agents/demo/join-room", json=join_body(), headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHORIZED"
@@ -122,16 +123,16 @@ async def test_auth_is_required(service):
         ),
     ],
 )
-async def test_requests_are_validated(service, path, body, words):
-    client, harness, _ = service
+async def test_requests_are_validated(avatar_service, path, body, words):
+    client, harness, _ = avatar_service
     r = await client.post(path, json=body)
     assert r.status_code == 400, r.text
     assert r.json()["status"] == "error" and words in r.json()["error"]["message"]
     assert not harness.rooms
 
 
-async def test_join_is_idempotent_per_agent_and_room(service):
-    client, harness, _ = service
+async def test_join_is_idempotent_per_agent_and_room(avatar_service):
+    client, harness, _ = avatar_service
     body = join_body()
     r = await client.post("/v1/agents/demo/join-room", json=body)
     assert r.status_code == 201
@@ -149,8 +150,8 @@ async def test_join_is_idempotent_per_agent_and_room(service):
     assert url == "wss://lk.example.com" and token == body["room_token"]
 
 
-async def test_capacity_limit_answers_503_with_retry_after(service):
-    client, _, _ = service
+async def test_capacity_limit_answers_503_with_retry_after(avatar_service):
+    client, _, _ = avatar_service
     for room in ("r1", "r2"):
         assert (
             await client.post("/v1/agents/demo/join-room", json=join_body(room))
@@ -160,8 +161,8 @@ async def test_capacity_limit_answers_503_with_retry_after(service):
     assert r.json()["error"]["code"] == "CAPACITY"
 
 
-async def test_leave_room_stops_the_worker(service):
-    client, harness, manager = service
+async def test_leave_room_stops_the_worker(avatar_service):
+    client, harness, manager = avatar_service
     await client.post("/v1/agents/demo/join-room", json=join_body())
     r = await client.post("/v1/agents/demo/leave-room", json={"room_name": "room-a"})
     assert r.json() == {"success": True, "status": "disconnected", "participant_ids": ["avatar-1"]}
@@ -172,24 +173,24 @@ async def test_leave_room_stops_the_worker(service):
     assert r.status_code == 404
 
 
-async def test_room_closing_stops_the_worker(service):
-    client, harness, manager = service
+async def test_room_closing_stops_the_worker(avatar_service):
+    client, harness, manager = avatar_service
     await client.post("/v1/agents/demo/join-room", json=join_body())
     await harness.rooms[0].disconnect()
     await asyncio.sleep(0.1)
     assert manager.workers() == [] and harness.runtimes[0]._closed
 
 
-async def test_failures_are_reported_not_hidden(service):
-    client, _, _ = service
+async def test_failures_are_reported_not_hidden(avatar_service):
+    client, _, _ = avatar_service
     r = await client.post("/v1/agents/B000000000/join-room", json=join_body())
     assert r.status_code == 422 and "NOT_FOUND" in r.json()["error"]["message"]
     workers = (await client.get("/v1/workers")).json()["data"]
     assert workers[0]["status"] == "failed" and "AvatarNotFoundError" in workers[0]["error"]
 
 
-async def test_a_worker_that_crashes_is_listed_as_failed(service):
-    client, harness, _ = service
+async def test_a_worker_that_crashes_is_listed_as_failed(avatar_service):
+    client, harness, _ = avatar_service
     await client.post("/v1/agents/demo/join-room", json=join_body())
     runtime = harness.runtimes[0]
 
@@ -206,8 +207,8 @@ async def test_a_worker_that_crashes_is_listed_as_failed(service):
     assert workers[0]["status"] == "failed" and "renderer out of memory" in workers[0]["error"]
 
 
-async def test_launch_request_of_the_cloud_plugin(service):
-    client, harness, _ = service
+async def test_launch_request_of_the_cloud_plugin(avatar_service):
+    client, harness, _ = avatar_service
     body = {
         "mode": "cpu",
         "model": "essence",
@@ -221,9 +222,9 @@ async def test_launch_request_of_the_cloud_plugin(service):
     assert (await client.post("/v1/runtime-tokens/request", json=body)).json()["created"] is False
 
 
-async def test_no_key_or_token_in_logs(service, caplog):
+async def test_no_key_or_token_in_logs(avatar_service, caplog):
     caplog.set_level(logging.DEBUG)
-    client, _, _ = service
+    client, _, _ = avatar_service
     body = join_body()
     await client.post("/v1/agents/demo/join-room", json=body)
     await client.post("/v1/agents/B000000000/join-room", json=body)
@@ -312,13 +313,13 @@ def livekit_env(monkeypatch):
     monkeypatch.setenv("LIVEKIT_API_SECRET", LK_SECRET)
 
 
-async def test_participant_mode_runs_the_avatar_in_the_service(service, livekit_env):
+async def test_participant_mode_runs_the_avatar_in_the_service(avatar_service, livekit_env):
     from livekit.agents import AgentSession
 
     from livekit_plugins_avatarhub import AvatarSession
     from livekit_plugins_avatarhub.service.tokens import token_claims
 
-    client, harness, manager = service
+    client, harness, manager = avatar_service
     avatar = AvatarSession(
         avatar_id="demo",
         mode="participant",
@@ -430,7 +431,7 @@ def test_serve_command_runs_and_stops_cleanly(tmp_path):
 
 
 async def test_worker_lip_syncs_to_a_participants_microphone():
-    """The seed's Flutter flow: no agent, the avatar follows a named participant's microphone."""
+    """The Flutter join-room flow: no agent, the avatar follows a named participant's microphone."""
     from fakes import FakeRemoteParticipant
 
     harness = Harness()

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ..exceptions import AvatarHubError
 from ..log import logger
-from ..settings import AVATAR_ID_PATTERN, DEMO_AVATAR_ID, is_cloud_only, model_family
+from ..settings import DEMO_AVATAR_ID, is_agent_code, is_cloud_only, is_demo, model_family
 from .manager import CapacityError, WorkerInfo, WorkerManager
 from .tokens import token_identity, token_room
 
@@ -124,13 +124,11 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _agent(value: Any) -> str:
-    if not isinstance(value, str) or not (
-        value == DEMO_AVATAR_ID or AVATAR_ID_PATTERN.match(value)
-    ):
+    if not (is_demo(value) or is_agent_code(value)):
         raise _Invalid(
             f"agent_id must be a bitHuman agent code (e.g. A91XMB7113) or {DEMO_AVATAR_ID!r}"
         )
-    return value
+    return str(value)
 
 
 def _text(
@@ -168,7 +166,7 @@ def _model(value: Any) -> str | None:
 
 
 async def join_room(request: web.Request) -> web.Response:
-    """The seed documents' shape: ``{"room_url", "room_token", "participant_name"}``."""
+    """The Flutter join-room flow: ``{"room_url", "room_token", "participant_name"}``."""
     agent_id = _agent(request.match_info["agent_id"])
     body = await _body(request)
     room_url = _url(body, "room_url")
@@ -249,20 +247,21 @@ async def launch(request: web.Request) -> web.Response:
     return _joined(info, created)
 
 
-def default_manager(*, api_secret: str | None, max_workers: int) -> WorkerManager:
-    """Workers that resolve avatars through the hub and connect real LiveKit rooms."""
-    from ..local_runtime import create_runtime
+def default_manager(
+    *, api_secret: str | None, max_workers: int, room_factory: Any = None
+) -> WorkerManager:
+    """Workers that load avatars like ``AvatarSession`` does (``loader.open_avatar``: the hub,
+    the cloud-only fallback, the cache lease) and connect real LiveKit rooms."""
+    from ..loader import OpenedAvatar, open_avatar
     from .worker import AvatarWorker
 
-    async def runtime_for(agent_id: str, model: str | None) -> Any:
-        return await create_runtime(
-            agent_id,
-            api_secret=api_secret,
-            model=None if model is None or is_cloud_only(model) else model,
-        )
+    async def opener(agent_id: str, model: str | None) -> OpenedAvatar:
+        return await open_avatar(agent_id, model=model, api_secret=api_secret)
 
     def factory(**kwargs: Any) -> AvatarWorker:
-        return AvatarWorker(runtime_factory=runtime_for, **kwargs)
+        if room_factory is not None:
+            kwargs["room_factory"] = room_factory
+        return AvatarWorker(opener=opener, **kwargs)
 
     return WorkerManager(factory, max_workers=max_workers)
 

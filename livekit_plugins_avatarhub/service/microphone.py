@@ -1,6 +1,6 @@
 """Audio from a participant's microphone track, for clients that speak to the avatar directly.
 
-The seed's Flutter flow has no agent streaming ``lk.audio_stream``: the avatar lip-syncs to a
+The Flutter join-room flow has no agent streaming ``lk.audio_stream``: the avatar lip-syncs to a
 named participant's microphone. Speech segments end after a stretch of silence.
 """
 

@@ -19,13 +19,15 @@ from livekit.agents.voice.avatar import AudioReceiver, AvatarRunner
 from livekit import rtc
 
 from ..generator import RuntimeVideoGenerator
+from ..loader import OpenedAvatar
 from ..log import logger
 from ..publish import VideoPublishOptions, avatar_runner
 from ..runtime import AvatarRuntime
 
 RPC_TRIGGER_DYNAMICS = "trigger_dynamics"
 
-RuntimeFactory = Callable[[str, "str | None"], Awaitable[AvatarRuntime]]
+#: (agent_id, model) → the avatar loaded and its model file leased (``loader.open_avatar``)
+AvatarOpener = Callable[[str, "str | None"], Awaitable[OpenedAvatar]]
 RoomFactory = Callable[[], Any]
 
 
@@ -40,7 +42,7 @@ class AvatarWorker:
         token: str,
         model: str | None = None,
         listen_to: str | None = None,
-        runtime_factory: RuntimeFactory,
+        opener: AvatarOpener,
         room_factory: RoomFactory = rtc.Room,
         video_options: VideoPublishOptions | None = None,
     ) -> None:
@@ -49,16 +51,20 @@ class AvatarWorker:
         self.listen_to = listen_to
         self._room_url = room_url
         self._token = token
-        self._runtime_factory = runtime_factory
+        self._opener = opener
         self._room_factory = room_factory
         self._video_options = video_options or VideoPublishOptions()
         self.room: Any = None
-        self.runtime: AvatarRuntime | None = None
+        self._opened: OpenedAvatar | None = None
         self._runner: AvatarRunner | None = None
         self._watch: asyncio.Task[None] | None = None
         self.stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.error: str | None = None
         self._closing = False
+
+    @property
+    def runtime(self) -> AvatarRuntime | None:
+        return self._opened.runtime if self._opened is not None else None
 
     def __repr__(self) -> str:  # the token is a credential: never shown
         return f"AvatarWorker(agent_id={self.agent_id!r}, room_url={self._room_url!r})"
@@ -66,8 +72,8 @@ class AvatarWorker:
     async def start(self) -> None:
         """Load the avatar and join the room; raises if either fails (nothing is left running)."""
         try:
-            self.runtime = await self._runtime_factory(self.agent_id, self.model)
-            generator = await RuntimeVideoGenerator.create(self.runtime)
+            self._opened = await self._opener(self.agent_id, self.model)
+            generator = await RuntimeVideoGenerator.create(self._opened.runtime)
             self.room = self._room_factory()
             await self.room.connect(self._room_url, self._token)
             self.room.on("disconnected", self._on_disconnected)
@@ -129,16 +135,16 @@ class AvatarWorker:
         if self._watch is not None and not self._watch.done():
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        else:
-            await self._cleanup()
+        # a task cancelled before its first step never runs its ``finally``: clean up here too
+        await self._cleanup()
 
     async def _cleanup(self) -> None:
         runner, self._runner = self._runner, None
         if runner is not None and getattr(runner, "_read_audio_atask", None) is not None:
             await runner.aclose()  # AvatarRunner.aclose() before start() raises
-        runtime, self.runtime = self.runtime, None
-        if runtime is not None:
-            runtime.cleanup()
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            await opened.aclose()
         room, self.room = self.room, None
         if room is not None:
             room.off("disconnected", self._on_disconnected)

@@ -32,6 +32,7 @@ from livekit_plugins_avatarhub import (
     ModelNotDownloadableError,
     ModelNotReadyError,
     NotCachedError,
+    OpenedAvatar,
     RateLimitedError,
     RetryPolicy,
     RuntimeLoadError,
@@ -39,6 +40,7 @@ from livekit_plugins_avatarhub import (
     VideoPublishOptions,
     __version__,
     create_runtime,
+    open_avatar,
     prefetch,
 )
 from livekit_plugins_avatarhub import __all__ as __all__

@@ -1,9 +1,4 @@
-"""The built-in demo avatar: a procedural face that needs no account, model file or network.
-
-It implements the same runtime contract as ``bithuman.AsyncBithuman``, so everything that
-works with it (the LiveKit session, the render command, gestures) works the same way with a
-real bitHuman model. ``AvatarSession(avatar_id="demo")`` selects it.
-"""
+"""The demo avatar's face: drawn with OpenCV, its mouth following the audio level."""
 
 from __future__ import annotations
 
@@ -12,7 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from .runtime import FrameState, PacedRuntime
+from .engine import FrameState, PacedRuntime
+
+#: the demo's size when none is asked for (bitHuman's runtime default, 720p landscape)
+DEFAULT_SIZE = (1280, 720)
 
 _SKIN = (150, 190, 235)
 _SKIN_SHADE = (120, 160, 210)
@@ -57,7 +55,7 @@ class DemoRuntime(PacedRuntime):
         cls,
         *,
         model_path: str | None = None,
-        output_size: tuple[int, int] = (1280, 720),
+        output_size: tuple[int, int] = DEFAULT_SIZE,
         fps: int = 25,
         realtime: bool = True,
         **_: Any,
