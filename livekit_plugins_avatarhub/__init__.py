@@ -5,12 +5,14 @@
 ``bithuman`` itself is imported only when a session starts.
 """
 
+# ruff: noqa: F401  (the errors are re-exported through exceptions.__all__, which ruff cannot read)
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from livekit.agents import Plugin
 
+from . import exceptions as _exceptions
 from ._retry import RetryPolicy
 from .api import BithumanAPI
 from .avatar import AvatarSession
@@ -23,9 +25,11 @@ from .exceptions import (
     AuthenticationError,
     AvatarHubError,
     AvatarNotFoundError,
+    BitHumanException,
     CacheError,
     CloudOnlyError,
     ConfigurationError,
+    InsufficientBalanceError,
     IntegrityError,
     InvalidAvatarIdError,
     LockTimeoutError,
@@ -54,44 +58,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEMO_AVATAR_ID",
-    "APIConnectionError",
-    "APIError",
-    "APIStatusError",
-    "AgentGenerationFailedError",
-    "AgentNotReadyError",
-    "AuthenticationError",
-    "AvatarHubError",
-    "AvatarNotFoundError",
     "AvatarResolver",
     "AvatarRuntime",
     "AvatarSession",
     "BithumanAPI",
-    "CacheError",
     "CachedModelResolver",
-    "CloudOnlyError",
-    "ConfigurationError",
     "DemoRuntime",
     "GestureTrigger",
-    "IntegrityError",
-    "InvalidAvatarIdError",
-    "LockTimeoutError",
-    "MissingSecretError",
-    "ModelFileError",
     "ModelHub",
-    "ModelNotDownloadableError",
-    "ModelNotReadyError",
-    "NotCachedError",
     "OpenedAvatar",
-    "RateLimitedError",
     "RetryPolicy",
-    "RuntimeLoadError",
-    "ServiceUnavailableError",
     "VideoControl",
     "VideoPublishOptions",
     "__version__",
     "create_runtime",
     "open_avatar",
     "prefetch",
+    # every error, as listed (derived) by the exceptions module
+    *_exceptions.__all__,
 ]
 
 # Loaded on first access, so `import livekit_plugins_avatarhub` stays free of bithuman (~50 MB).

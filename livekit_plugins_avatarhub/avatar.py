@@ -34,6 +34,7 @@ from .runtime import AvatarRuntime, renew_for_job
 from .settings import DEMO_AVATAR_ID, env_or, is_cloud_only, is_demo, model_family, redact
 
 if TYPE_CHECKING:
+    from bithuman import VideoControl
     from livekit.agents import AgentSession
 
     from .hub import AvatarResolver
@@ -152,7 +153,14 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         arg_id = avatar_id if utils.is_given(avatar_id) and avatar_id else None
         arg_path = model_path if utils.is_given(model_path) and model_path else None
         if arg_id and arg_path:
-            raise ConfigurationError("pass avatar_id= or model_path=, not both")
+            # bitHuman's cloud quickstart passes both; like livekit-plugins-bithuman, the id wins
+            logger.warning(
+                "avatar_id=%r and model_path=%r were both given; rendering the avatar id and "
+                "ignoring the model file",
+                arg_id,
+                arg_path,
+            )
+            arg_path = None
         if not arg_id and not arg_path:
             env_id, env_path = settings.avatar_from_env()
             if env_id and env_path and self._runtime is None:
@@ -223,6 +231,36 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
     @property
     def video_generator(self) -> RuntimeVideoGenerator | None:
         return self._generator
+
+    # -- gestures, in either mode -----------------------------------------------------------
+
+    async def push(self, control: VideoControl) -> None:
+        """Send ``control`` to the avatar wherever it renders.
+
+        In this process it goes to the runtime; in ``mode="participant"`` its action goes to the
+        avatar participant as bitHuman's ``trigger_dynamics`` RPC (speech reaches that avatar
+        through the AgentSession, so a control carrying audio is refused there).
+        """
+        if self._service is None:
+            await self.runtime.push(control)
+            return
+        if control.audio is not None or control.end_of_speech:
+            raise ConfigurationError(
+                "in mode='participant' the avatar takes speech from the AgentSession; push() "
+                "sends only actions (VideoControl(action=...))"
+            )
+        actions = [control.action] if isinstance(control.action, str) else control.action or []
+        action = actions[0] if actions else None  # bithuman plays a list's first gesture
+        if action:
+            if not self._started:
+                raise AvatarHubError("the avatar is not started yet; call start() first")
+            await self._service.trigger(action, force=bool(control.force_action))
+
+    async def trigger(self, action: str, *, force: bool = False) -> None:
+        """Play the gesture ``action`` (one of the agent's dynamics) in either mode."""
+        from bithuman import VideoControl
+
+        await self.push(VideoControl(action=action, force_action=force))
 
     # -- lifecycle --------------------------------------------------------------------------
 

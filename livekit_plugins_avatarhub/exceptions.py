@@ -1,6 +1,8 @@
 """Every error this package raises, rooted in :class:`AvatarHubError`.
 
-Several also subclass a builtin so that generic handlers keep working::
+Several also subclass a builtin, and the API errors LiveKit's own, so that generic handlers
+(``except ValueError``, ``except livekit.agents.APIConnectionError``) keep working.
+``BitHumanException`` is another name for the root, for code written for livekit-plugins-bithuman::
 
     AvatarHubError
     ├── ConfigurationError (ValueError)        bad or missing argument / environment variable
@@ -15,9 +17,9 @@ Several also subclass a builtin so that generic handlers keep working::
     ├── IntegrityError                         downloaded bytes do not match size / sha256
     ├── AgentGenerationFailedError             an agent build ended in ``failed``
     ├── AgentNotReadyError (TimeoutError)      an agent was still building when the wait ended
-    └── APIError                               talking to the bitHuman REST API failed
-        ├── APIConnectionError (ConnectionError)
-        └── APIStatusError                     the API answered with an error status
+    └── APIError (livekit.agents.APIError)     talking to the bitHuman REST API failed
+        ├── APIConnectionError (livekit.agents.APIConnectionError, ConnectionError)
+        └── APIStatusError (livekit.agents.APIStatusError)  an error status
             ├── AuthenticationError            401 / 403
             ├── AvatarNotFoundError            404 NOT_FOUND
             ├── ModelNotReadyError             404 MODEL_ARTIFACT_NOT_READY (try again later)
@@ -29,31 +31,9 @@ Several also subclass a builtin so that generic handlers keep working::
 
 from __future__ import annotations
 
-__all__ = [
-    "APIConnectionError",
-    "APIError",
-    "APIStatusError",
-    "AgentGenerationFailedError",
-    "AgentNotReadyError",
-    "AuthenticationError",
-    "AvatarHubError",
-    "AvatarNotFoundError",
-    "CacheError",
-    "CloudOnlyError",
-    "ConfigurationError",
-    "InsufficientBalanceError",
-    "IntegrityError",
-    "InvalidAvatarIdError",
-    "LockTimeoutError",
-    "MissingSecretError",
-    "ModelFileError",
-    "ModelNotDownloadableError",
-    "ModelNotReadyError",
-    "NotCachedError",
-    "RateLimitedError",
-    "RuntimeLoadError",
-    "ServiceUnavailableError",
-]
+from livekit.agents import APIConnectionError as _LiveKitConnectionError
+from livekit.agents import APIError as _LiveKitAPIError
+from livekit.agents import APIStatusError as _LiveKitStatusError
 
 CLOUD_PLUGIN_HINT = (
     "bitHuman's cloud renders it: use `from livekit.plugins import bithuman` "
@@ -63,6 +43,10 @@ CLOUD_PLUGIN_HINT = (
 
 class AvatarHubError(Exception):
     """Base class of every error raised by livekit-plugins-avatarhub."""
+
+
+#: what code written for livekit-plugins-bithuman catches: ``except bithuman.BitHumanException``
+BitHumanException = AvatarHubError
 
 
 class ConfigurationError(AvatarHubError, ValueError):
@@ -105,16 +89,28 @@ class IntegrityError(AvatarHubError):
     """Downloaded bytes do not match the size or sha256 the service announced."""
 
 
-class APIError(AvatarHubError):
-    """A call to the bitHuman REST API failed."""
+class APIError(AvatarHubError, _LiveKitAPIError):
+    """A call to the bitHuman REST API failed (also a ``livekit.agents.APIError``)."""
+
+    def __init__(
+        self, message: str, *, body: object | None = None, retryable: bool = False
+    ) -> None:
+        # LiveKit's own __init__, named: the cooperative chain differs between our subclasses
+        _LiveKitAPIError.__init__(self, message, body=body, retryable=retryable)
+
+    def __str__(self) -> str:
+        return self.message
 
 
-class APIConnectionError(APIError, ConnectionError):
+class APIConnectionError(APIError, _LiveKitConnectionError, ConnectionError):
     """The bitHuman API (or the model storage host) could not be reached."""
 
+    def __init__(self, message: str = "Connection error.", *, retryable: bool = True) -> None:
+        APIError.__init__(self, message, retryable=retryable)
 
-class APIStatusError(APIError):
-    """The bitHuman API answered with an error status."""
+
+class APIStatusError(APIError, _LiveKitStatusError):
+    """The bitHuman API answered with an error status; only 408, 429 and 5xx are retryable."""
 
     def __init__(
         self,
@@ -124,16 +120,15 @@ class APIStatusError(APIError):
         code: str | None = None,
         reason: str | None = None,
         retry_after: float | None = None,
+        body: object | None = None,
     ) -> None:
-        super().__init__(message)
+        retryable = status_code in (408, 429) or status_code >= 500
+        APIError.__init__(self, message, body=body, retryable=retryable)
         self.status_code = status_code
+        self.request_id: str | None = None
         self.code = code
         self.reason = reason
         self.retry_after = retry_after
-
-    @property
-    def retryable(self) -> bool:
-        return self.status_code in (408, 429) or self.status_code >= 500
 
 
 class AuthenticationError(APIStatusError):
@@ -170,3 +165,11 @@ class AgentGenerationFailedError(AvatarHubError):
 
 class AgentNotReadyError(AvatarHubError, TimeoutError):
     """An agent was still being built when the wait timed out."""
+
+
+#: every exception class above (and the ``BitHumanException`` alias), derived rather than listed
+__all__ = sorted(
+    name
+    for name, value in list(vars().items())
+    if isinstance(value, type) and issubclass(value, BaseException) and not name.startswith("_")
+)

@@ -8,6 +8,7 @@ without another copy.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -92,6 +93,7 @@ class RuntimeVideoGenerator(VideoGenerator):
 
     def __init__(self, runtime: AvatarRuntime, *, width: int, height: int) -> None:
         self._runtime = runtime
+        self.last_audio_at = time.monotonic()
         self._fps = int(runtime.settings.FPS)
         self._sample_rate = int(runtime.settings.INPUT_SAMPLE_RATE)
         ring = int(self._fps * SYNC_QUEUE_MS / 1000) + RING_SPARE
@@ -126,6 +128,7 @@ class RuntimeVideoGenerator(VideoGenerator):
         if isinstance(frame, AudioSegmentEnd):
             await self._runtime.flush()
             return
+        self.last_audio_at = time.monotonic()  # the avatar service's inactivity rule reads it
         await self._runtime.push_audio(frame.data.tobytes(), frame.sample_rate, last_chunk=False)
 
     def clear_buffer(self) -> None:

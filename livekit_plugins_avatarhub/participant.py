@@ -9,6 +9,8 @@ no bitHuman secret goes into the participant's attributes: the service holds its
 
 from __future__ import annotations
 
+import json
+import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -18,12 +20,15 @@ from livekit import rtc
 from . import _compat
 from ._retry import RetryPolicy, with_retries
 from .api import status_error
-from .exceptions import APIConnectionError
+from .exceptions import APIConnectionError, AvatarHubError
 from .log import logger
 from .settings import livekit_credentials
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
+
+#: bitHuman's cloud dynamics RPC, answered by the avatar participant
+RPC_TRIGGER_DYNAMICS = "trigger_dynamics"
 
 
 class ServiceAvatar:
@@ -44,6 +49,7 @@ class ServiceAvatar:
         self.agent_id, self.model = agent_id, model
         self.identity, self.name = identity, name
         self._retry = retry
+        self._room: rtc.Room | None = None
         self._room_name: str | None = None
 
     async def start(
@@ -79,7 +85,33 @@ class ServiceAvatar:
             room_name=room.name,
             retry=self._retry,
         )
-        self._room_name = room.name
+        self._room, self._room_name = room, room.name
+
+    async def trigger(self, action: str, *, force: bool = False) -> None:
+        """bitHuman's cloud dynamics RPC to the avatar participant; its error answer raises."""
+        assert self._room is not None
+        me = self._room.local_participant
+        payload = {"action": action, "identity": me.identity, "timestamp": time.time()}
+        if force:
+            payload["force"] = True
+        try:
+            raw = await me.perform_rpc(
+                destination_identity=self.identity,
+                method=RPC_TRIGGER_DYNAMICS,
+                payload=json.dumps(payload),
+            )
+        except rtc.RpcError as err:
+            raise AvatarHubError(
+                f"the avatar {self.identity} did not take the gesture {action!r}: {err.message}"
+            ) from None
+        try:
+            answer = json.loads(raw) if raw else {}
+        except ValueError:
+            answer = {}
+        if isinstance(answer, dict) and answer.get("status") == "error":
+            raise AvatarHubError(
+                f"the avatar refused the gesture {action!r}: {answer.get('message') or answer}"
+            )
 
     def route_speech(self, agent_session: AgentSession[Any], room: rtc.Room) -> None:
         route_audio_to(agent_session, room, self.identity)

@@ -71,3 +71,18 @@ def bithuman_env(
     monkeypatch.setenv("BITHUMAN_API_BASE", bithuman_api.api_base)
     monkeypatch.setenv("BITHUMAN_API_SECRET", SECRET)
     return bithuman_api
+
+
+@pytest.fixture
+async def avatar_service():  # type: ignore[no-untyped-def]
+    """The self-hosted avatar service (HTTP on 127.0.0.1) with demo workers in loopback rooms:
+    yields (client with the key, the workers' Harness, the WorkerManager)."""
+    pytest.importorskip("aiohttp")
+    from service_harness import Harness, serve
+
+    from livekit_plugins_avatarhub.service import WorkerManager
+
+    harness = Harness()
+    manager = WorkerManager(harness.worker, max_workers=2)
+    async with serve(manager) as client:
+        yield client, harness, manager

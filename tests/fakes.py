@@ -33,6 +33,14 @@ FAKE_MODEL_MAGIC = b"IMX\x00fake-model"
 LEGACY_BITHUMAN = not hasattr(bithuman, "BithumanError")
 
 
+def _claims(token: str) -> dict[str, Any]:
+    import base64
+    import json
+
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
 def _native_size(path: str) -> tuple[int, int]:
     with open(path, "rb") as f:
         head = f.read(len(FAKE_MODEL_MAGIC) + 4)
@@ -347,6 +355,27 @@ class FakeLocalParticipant:
     track_publications: dict[str, FakePublication] = field(default_factory=dict)
     rpc_methods: dict[str, Any] = field(default_factory=dict)
     attributes: dict[str, str] = field(default_factory=dict)
+    name: str = ""
+    sid: str = "PA_agenttest0001"
+    #: what the token's grant allows (LiveKit refuses set_name/set_attributes without it)
+    can_update_own_metadata: bool = True
+
+    async def set_name(self, name: str) -> None:
+        self._check_metadata_grant()
+        self.name = name
+        self.room.sfu_broadcast("participant_name_changed", self)
+
+    async def set_attributes(self, attributes: dict[str, str]) -> None:
+        self._check_metadata_grant()
+        for key, value in attributes.items():
+            if value:
+                self.attributes[key] = value
+            else:  # LiveKit deletes an attribute set to ""
+                self.attributes.pop(key, None)
+
+    def _check_metadata_grant(self) -> None:
+        if not self.can_update_own_metadata:
+            raise rtc.RpcError(403, "does not have permission to update own metadata")
 
     def register_rpc_method(self, method: str, handler: Any = None) -> Any:
         if handler is None:
@@ -375,7 +404,13 @@ class FakeLocalParticipant:
         response_timeout: float | None = None,
     ) -> str:
         self.room.rpc_calls.append((destination_identity, method, payload))
-        return ""
+        peer = self.room.sfu_peer(destination_identity)
+        if peer is None:
+            return ""
+        if method not in peer.local_participant.rpc_methods:
+            raise rtc.RpcError(rtc.RpcError.ErrorCode.UNSUPPORTED_METHOD, "Method not supported")
+        result = await peer.local_participant.invoke(method, payload, caller=self.identity)
+        return str(result)
 
     async def invoke(self, method: str, payload: str, caller: str = "agent-1") -> Any:
         """Deliver an RPC from ``caller`` to a handler registered here."""
@@ -391,6 +426,7 @@ class FakeLocalParticipant:
         pub = FakePublication(track, options, f"TR_{len(self.track_publications)}")
         self.track_publications[pub.sid] = pub
         self.room.emit("local_track_published", pub, track)
+        self.room.sfu_broadcast("track_published", self, pub)
         return pub
 
     def publication(self, kind: Any) -> FakePublication | None:
@@ -406,6 +442,8 @@ class FakeRemoteParticipant:
     kind: int = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
     attributes: dict[str, str] = field(default_factory=dict)
     track_publications: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    sid: str = "PA_remote"
     # ParticipantState arrived in later livekit (rtc) releases; 2 is PARTICIPANT_STATE_ACTIVE
     state: int = getattr(getattr(rtc, "ParticipantState", None), "PARTICIPANT_STATE_ACTIVE", 2)
 
@@ -434,8 +472,41 @@ class FakeByteStreamReader:
         return self._chunks.pop(0)
 
 
+class FakeSFU:
+    """A loopback stand-in for a LiveKit server: rooms that connect through it with a token
+    join the room its grant names, see each other as remote participants (kind, name and
+    attributes from the token), see each other's publications, and reach each other's RPC
+    methods. Rooms made with ``FakeRoom(name, sfu=...)`` are already in."""
+
+    def __init__(self) -> None:
+        self.rooms: list[FakeRoom] = []
+        self.connect_delay = 0.0  # seconds each connect() takes, like a real signalling round trip
+        self.connect_error: Exception | None = None
+
+    def room(self) -> FakeRoom:
+        """A room factory for workers: not connected until ``connect(url, token)``."""
+        room = FakeRoom("", sfu=self, connected=False)
+        return room
+
+    def peers(self, room: FakeRoom) -> list[FakeRoom]:
+        return [r for r in self.rooms if r is not room and r.name == room.name and r._connected]
+
+    def enter(self, room: FakeRoom) -> None:
+        if room not in self.rooms:
+            self.rooms.append(room)
+        for peer in self.peers(room):
+            peer.remote_join(room.local_participant)
+            room.remote_join(peer.local_participant)
+
+    def leave(self, room: FakeRoom) -> None:
+        for peer in self.peers(room):
+            peer.remote_leave(room.local_participant.identity)
+
+
 class FakeRoom(rtc.EventEmitter[str]):
-    def __init__(self, name: str = "test-room") -> None:
+    def __init__(
+        self, name: str = "test-room", *, sfu: FakeSFU | None = None, connected: bool = True
+    ) -> None:
         super().__init__()
         self.name = name
         self.remote_participants: dict[str, Any] = {}
@@ -443,19 +514,95 @@ class FakeRoom(rtc.EventEmitter[str]):
         self.byte_stream_handlers: dict[str, Any] = {}
         self.rpc_calls: list[tuple[str, str, str]] = []
         self.connected_with: tuple[str, str] | None = None
-        self._connected = True
+        self.sfu = sfu
+        self._connected = connected
+        if sfu is not None and connected:
+            sfu.enter(self)
 
     def isconnected(self) -> bool:
         return self._connected
 
     async def connect(self, url: str, token: str, *args: Any, **kwargs: Any) -> None:
         self.connected_with = (url, token)
+        if self.sfu is not None:
+            if self.sfu.connect_delay:
+                await asyncio.sleep(self.sfu.connect_delay)
+            if self.sfu.connect_error is not None:
+                raise self.sfu.connect_error
+            claims = _claims(token)
+            grant = claims.get("video") or {}
+            self.name = grant.get("room", self.name)
+            me = self.local_participant
+            me.identity = claims.get("sub", me.identity)
+            me.name = claims.get("name", "")
+            me.attributes = dict(claims.get("attributes") or {})
+            me.sid = f"PA_{hashlib.sha1(me.identity.encode()).hexdigest()[:12]}"
+            me.can_update_own_metadata = bool(grant.get("canUpdateOwnMetadata", False))
+            kind = claims.get("kind")
+            me.kind = (
+                rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+                if kind == "agent"
+                else rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD
+            )
         self._connected = True
+        if self.sfu is not None:
+            self.sfu.enter(self)
 
     async def disconnect(self) -> None:
         if self._connected:
             self._connected = False
+            if self.sfu is not None:
+                self.sfu.leave(self)
             self.emit("disconnected", "CLIENT_INITIATED")
+
+    # -- what the server relays between rooms of one name ------------------------------------
+
+    def sfu_peer(self, identity: str) -> FakeRoom | None:
+        if self.sfu is None:
+            return None
+        for peer in self.sfu.peers(self):
+            if peer.local_participant.identity == identity:
+                return peer
+        return None
+
+    def sfu_broadcast(self, event: str, sender: FakeLocalParticipant, *args: Any) -> None:
+        if self.sfu is None or not self._connected:
+            return
+        for peer in self.sfu.peers(self):
+            remote = peer.remote_participants.get(sender.identity)
+            if remote is None:
+                continue
+            if event == "participant_name_changed":
+                remote.name = sender.name
+                peer.emit(event, remote, "", sender.name)
+            elif event == "track_published":
+                (pub,) = args
+                remote.track_publications[pub.sid] = pub
+                peer.emit(event, pub, remote)
+
+    def remote_join(self, local: FakeLocalParticipant) -> None:
+        participant = FakeRemoteParticipant(
+            local.identity, local.kind, dict(local.attributes), dict(local.track_publications)
+        )
+        participant.name = local.name
+        participant.sid = local.sid
+        self.remote_participants[local.identity] = participant
+        self.emit("participant_connected", participant)
+        self.emit("participant_active", participant)
+        for pub in participant.track_publications.values():
+            self.emit("track_published", pub, participant)
+
+    def remote_leave(self, identity: str) -> None:
+        participant = self.remote_participants.pop(identity, None)
+        if participant is not None:
+            self.emit("participant_disconnected", participant)
+
+    def drop_connection(self) -> None:
+        """A transient network loss: LiveKit reconnects by itself."""
+        self.emit("reconnecting")
+
+    def restore_connection(self) -> None:
+        self.emit("reconnected")
 
     def register_byte_stream_handler(self, topic: str, handler: Any) -> None:
         self.byte_stream_handlers[topic] = handler

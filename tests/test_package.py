@@ -53,6 +53,8 @@ PUBLIC = {
     "OpenedAvatar",
     "AgentGenerationFailedError",
     "AgentNotReadyError",
+    "InsufficientBalanceError",
+    "BitHumanException",
 }
 
 
@@ -75,6 +77,46 @@ def test_public_names_are_pinned():
     assert set(hub.__all__) == PUBLIC
     for name in hub.__all__:
         assert getattr(hub, name) is not None
+
+
+def test_every_exception_is_importable_from_the_package():
+    import livekit_plugins_avatarhub as hub
+    from livekit.plugins import avatarhub
+    from livekit_plugins_avatarhub import exceptions
+
+    defined = {
+        name
+        for name, value in vars(exceptions).items()
+        if isinstance(value, type) and issubclass(value, BaseException) and not name.startswith("_")
+    }
+    assert set(exceptions.__all__) == defined
+    assert "InsufficientBalanceError" in defined and "BitHumanException" in defined
+    for name in defined:
+        assert name in hub.__all__
+        assert getattr(hub, name) is getattr(exceptions, name) is getattr(avatarhub, name)
+
+
+def test_errors_are_caught_by_the_handlers_existing_code_writes():
+    """``except bithuman.BitHumanException`` after the import swap, and LiveKit's own classes."""
+    import livekit.agents as agents
+
+    from livekit.plugins import avatarhub as bithuman
+
+    status = bithuman.ModelNotReadyError("not yet", status_code=404)
+    connection = bithuman.APIConnectionError("bitHuman unreachable")
+    for error in (status, connection, bithuman.ConfigurationError("bad")):
+        with pytest.raises(bithuman.BitHumanException):
+            raise error
+    with pytest.raises(agents.APIStatusError) as info:
+        raise status
+    assert info.value.status_code == 404 and info.value.retryable is False
+    assert str(info.value) == "not yet"  # our message, not LiveKit's field dump
+    with pytest.raises(agents.APIConnectionError):
+        raise connection
+    with pytest.raises(ConnectionError):  # and still the builtin
+        raise connection
+    assert bithuman.ServiceUnavailableError("x", status_code=503).retryable
+    assert isinstance(bithuman.ModelNotDownloadableError("x", status_code=400), ValueError)
 
 
 def test_both_import_paths_give_the_same_objects():

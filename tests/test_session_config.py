@@ -27,9 +27,38 @@ def test_needs_an_avatar():
         AvatarSession(api_secret=SECRET)
 
 
-def test_refuses_both_avatar_id_and_model_path(model_file):
-    with pytest.raises(ConfigurationError, match="not both"):
-        AvatarSession(avatar_id="A91XMB7113", model_path=model_file, api_secret=SECRET)
+async def test_avatar_id_wins_over_model_path_with_one_warning(
+    model_file, fake_bithuman, clean_env, caplog
+):
+    """bitHuman's cloud quickstart passes both; like the official plugin, the id is rendered."""
+    agent_dir = clean_env / "agents" / "A91XMB7113"
+    agent_dir.mkdir(parents=True)
+    cached = write_fake_model(agent_dir / "A91XMB7113.imx", seed=b"the agent")
+    from livekit.agents import AgentSession
+
+    from livekit_plugins_avatarhub import CachedModelResolver
+
+    caplog.set_level(logging.WARNING)
+    session = AvatarSession(
+        avatar_id="A91XMB7113",
+        model_path=model_file,
+        api_secret=SECRET,
+        resolver=CachedModelResolver(),
+    )
+    warnings = [r for r in caplog.records if "model_path" in r.getMessage()]
+    assert len(warnings) == 1 and model_file in warnings[0].getMessage()
+    await session.start(AgentSession(), room=FakeRoom())
+    try:
+        assert session.runtime.model_path == cached
+    finally:
+        await session.aclose()
+
+
+def test_both_avatar_environment_variables_stay_an_error(monkeypatch, model_file):
+    monkeypatch.setenv("BITHUMAN_AVATAR_ID", "A91XMB7113")
+    monkeypatch.setenv("BITHUMAN_MODEL_PATH", model_file)
+    with pytest.raises(ConfigurationError, match="both BITHUMAN_AVATAR_ID and BITHUMAN_MODEL_PATH"):
+        AvatarSession(api_secret=SECRET)
 
 
 @pytest.mark.parametrize(

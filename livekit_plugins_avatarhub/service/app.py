@@ -3,24 +3,37 @@
 Every route but ``/health`` needs the service key, as ``Authorization: Bearer <key>`` or
 ``api-secret: <key>``. Errors use bitHuman's envelope:
 ``{"success": false, "error": {"code", "message", "httpStatus"}, "status": "error", ...}``.
+
+The launch request comes in every shape LiveKit's bithuman plugin (1.0 … 1.8) sends: JSON
+(``agent_id``, ``mode``, ``model``) or, for ``expression*`` models on a non-bitHuman host, a
+form (urlencoded, or multipart with a photo) with ``avatar_id``, ``model`` and ``async_mode``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from typing import Any
 
 from aiohttp import web
 
-from ..exceptions import AvatarHubError
+from ..exceptions import CLOUD_PLUGIN_HINT, AvatarHubError
 from ..log import logger
 from ..settings import DEMO_AVATAR_ID, is_agent_code, is_cloud_only, is_demo, model_family
 from .manager import CapacityError, WorkerInfo, WorkerManager
 from .tokens import token_identity, token_room
 
 MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
+BACKGROUND: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("background", set)
 RETRY_AFTER_SECONDS = 30
+_FIELD_LIMIT = 16 * 1024  # bytes of one form field
+_PHOTO_FIELDS = ("image", "avatar_image", "avatar_image_url")
+_PHOTO_REFUSAL = (
+    "a photo avatar (image / avatar_image / avatar_image_url) renders only in bitHuman's cloud, "
+    "and this service renders on the local runtime; launch an agent code (avatar_id / agent_id) "
+    f"created from the photo. {CLOUD_PLUGIN_HINT}"
+)
 _URL = re.compile(r"^(wss?|https?)://[^\s/]+", re.IGNORECASE)
 
 
@@ -88,6 +101,7 @@ def create_app(manager: WorkerManager, *, key: str) -> web.Application:
 
     app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
     app[MANAGER] = manager
+    app[BACKGROUND] = set()
     app.router.add_get("/health", health)
     app.router.add_get("/v1/workers", list_workers)
     app.router.add_post("/v1/agents/{agent_id}/join-room", join_room)
@@ -188,18 +202,24 @@ async def join_room(request: web.Request) -> web.Response:
         token=token,
         model=_model(body.get("model")),
         listen_to=listen_to,
+        participant_name=name,
     )
     return _joined(info, created)
 
 
 def _joined(info: WorkerInfo, created: bool) -> web.Response:
-    body = {
+    """200 for a new and an existing worker alike (clients check for 200); ``created`` says."""
+    body: dict[str, Any] = {
         "success": True,
         "participant_id": info.participant_id,
         "status": "connected",
         "created": created,
     }
-    return web.json_response(body, status=201 if created else 200)
+    if info.participant_name is not None:
+        body["participant_name"] = info.participant_name
+    if info.warnings:
+        body["warnings"] = list(info.warnings)
+    return web.json_response(body, status=200)
 
 
 async def leave_room(request: web.Request) -> web.Response:
@@ -222,20 +242,21 @@ async def leave_room(request: web.Request) -> web.Response:
 
 
 async def launch(request: web.Request) -> web.Response:
-    """LiveKit's bithuman plugin, cloud mode: ``{mode, model?, agent_id, livekit_url, ...}``."""
-    body = await _body(request)
-    if "image" in body and "agent_id" not in body:
-        raise _Invalid("photo sessions (image) render only in bitHuman's cloud; pass agent_id")
-    agent_id = _agent(body.get("agent_id"))
+    """LiveKit's bithuman plugin in cloud mode, pointed at this service, in any of its shapes."""
+    body = await _launch_body(request)
+    if any(body.get(name) for name in _PHOTO_FIELDS):
+        raise _Invalid(_PHOTO_REFUSAL, 422, "CLOUD_ONLY")
+    agent_id = _agent(body.get("agent_id") or body.get("avatar_id"))
     mode = body.get("mode")
     if mode is not None and mode not in ("cpu", "gpu"):
         raise _Invalid("mode must be 'cpu' or 'gpu'")
+    background = _flag(body.get("async_mode"), "async_mode")
     room_url = _url(body, "livekit_url")
     token = _text(body, "livekit_token", limit=8192)
     room = _text(body, "room_name", limit=256)
     assert token is not None and room is not None
     participant = token_identity(token) or f"avatar-{agent_id}"
-    info, created = await request.app[MANAGER].join(
+    join = request.app[MANAGER].join(
         agent_id=agent_id,
         room=room,
         participant_id=participant,
@@ -243,8 +264,60 @@ async def launch(request: web.Request) -> web.Response:
         token=token,
         model=_model(body.get("model")),
     )
+    if background:  # async_mode=true: answer now; the worker list shows how the start went
+        task = asyncio.get_running_loop().create_task(join)
+        request.app[BACKGROUND].add(task)
+        task.add_done_callback(_background_done(request.app[BACKGROUND]))
+        return web.json_response(
+            {"success": True, "status": "connecting", "participant_id": participant}, status=202
+        )
+    info, created = await join
     logger.debug("launch for %s in %s (created=%s)", agent_id, room, created)
     return _joined(info, created)
+
+
+def _background_done(tasks: set[asyncio.Task[Any]]) -> Any:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("background launch failed: %s", task.exception())
+
+    return done
+
+
+async def _launch_body(request: web.Request) -> dict[str, Any]:
+    """JSON, urlencoded or multipart, as one dict of fields. A photo part ends the read at once
+    (it cannot be rendered here, so there is no reason to receive it)."""
+    kind = request.content_type
+    if kind == "multipart/form-data":
+        fields: dict[str, Any] = {}
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            name = getattr(part, "name", None) or ""
+            if name in _PHOTO_FIELDS:
+                raise _Invalid(_PHOTO_REFUSAL, 422, "CLOUD_ONLY")
+            data = bytearray()
+            while chunk := await part.read_chunk(4096):  # type: ignore[union-attr]
+                data += chunk
+                if len(data) > _FIELD_LIMIT:
+                    raise _Invalid(f"form field {name!r} is larger than {_FIELD_LIMIT} bytes")
+            try:
+                fields[name] = data.decode()
+            except UnicodeDecodeError:
+                raise _Invalid(f"form field {name!r} is not UTF-8 text") from None
+        return fields
+    if kind == "application/x-www-form-urlencoded":
+        form = await request.post()
+        return {k: v for k, v in form.items() if isinstance(v, str)}
+    return await _body(request)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None or value is False or value == "false":
+        return False
+    if value is True or value == "true":
+        return True
+    raise _Invalid(f"{name} must be 'true' or 'false'")
 
 
 def default_manager(

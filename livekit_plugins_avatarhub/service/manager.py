@@ -1,17 +1,26 @@
-"""Workers by (agent, room): one each, idempotent joins, a capacity limit, crashes kept visible."""
+"""Workers by (agent, room): one each, idempotent joins, a capacity limit, crashes kept visible.
+
+A join for an (agent, room) whose worker is still starting waits for that start and gets its
+real outcome. A leave (or shutdown) that arrives while a worker is starting stops it as soon as
+its start returns. Failed workers stay listed, so callers can see why, but only the newest
+``MAX_FAILED`` and none older than ``FAILED_TTL`` seconds.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..log import logger
 from .worker import AvatarWorker
 
 WorkerFactory = Callable[..., AvatarWorker]
+MAX_FAILED = 50
+FAILED_TTL = 3600.0
 
 
 class CapacityError(Exception):
@@ -23,21 +32,39 @@ class WorkerInfo:
     agent_id: str
     room: str
     participant_id: str
-    status: str  # connecting | connected | failed | stopped
+    status: str  # connecting | connected | reconnecting | failed | stopped
     started_at: float
     error: str | None = None
     listen_to: str | None = None
+    participant_name: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    worker: AvatarWorker | None = field(default=None, repr=False)
 
     def as_json(self) -> dict[str, Any]:
+        status = self.status
+        if status == "connected" and self.worker is not None and self.worker.reconnecting:
+            status = "reconnecting"
         return {
             "agent_id": self.agent_id,
             "room_name": self.room,
             "participant_id": self.participant_id,
-            "status": self.status,
+            "participant_name": self.participant_name,
+            "status": status,
             "started_at": self.started_at,
             "error": self.error,
             "listen_to": self.listen_to,
+            "warnings": list(self.warnings),
         }
+
+
+@dataclass
+class _Start:
+    """A start in flight: duplicates wait on ``done``; ``leave`` sets ``cancelled``."""
+
+    info: WorkerInfo
+    done: asyncio.Future[WorkerInfo]
+    task: asyncio.Task[WorkerInfo] | None = None
+    cancelled: bool = False
 
 
 class WorkerManager:
@@ -46,20 +73,23 @@ class WorkerManager:
             raise ValueError("max_workers must be at least 1")
         self._factory = worker_factory
         self.max_workers = max_workers
-        self._workers: dict[tuple[str, str], tuple[WorkerInfo, AvatarWorker | None]] = {}
-        self._lock = asyncio.Lock()
+        self._workers: dict[tuple[str, str], WorkerInfo] = {}
+        self._starting: dict[tuple[str, str], _Start] = {}
+        self._closed = False
 
     def active(self) -> int:
         return sum(
-            1 for info, _ in self._workers.values() if info.status in ("connecting", "connected")
+            1
+            for info in self._workers.values()
+            if info.status in ("connecting", "connected", "reconnecting")
         )
 
     def workers(self) -> list[WorkerInfo]:
-        return [info for info, _ in self._workers.values()]
+        self._forget_old_failures()
+        return list(self._workers.values())
 
     def get(self, agent_id: str, room: str) -> WorkerInfo | None:
-        entry = self._workers.get((agent_id, room))
-        return entry[0] if entry else None
+        return self._workers.get((agent_id, room))
 
     async def join(
         self,
@@ -71,60 +101,136 @@ class WorkerManager:
         token: str,
         model: str | None = None,
         listen_to: str | None = None,
+        participant_name: str | None = None,
     ) -> tuple[WorkerInfo, bool]:
-        """Start the avatar in ``room`` unless it already runs there; returns (info, created)."""
+        """Start the avatar in ``room`` unless it already runs there; returns (info, created).
+
+        A duplicate of a join still in flight waits for it: it gets the same worker, or the
+        same error.
+        """
+        if self._closed:
+            raise CapacityError("the avatar service is shutting down")
         key = (agent_id, room)
-        async with self._lock:
-            entry = self._workers.get(key)
-            if entry is not None and entry[0].status in ("connecting", "connected"):
-                return entry[0], False
-            if self.active() >= self.max_workers:
-                raise CapacityError(f"all {self.max_workers} avatar workers are busy")
-            info = WorkerInfo(
-                agent_id, room, participant_id, "connecting", time.time(), listen_to=listen_to
-            )
-            self._workers[key] = (info, None)
-        worker = self._factory(
-            agent_id=agent_id, room_url=room_url, token=token, model=model, listen_to=listen_to
+        pending = self._starting.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending.done), False
+        existing = self._workers.get(key)
+        if existing is not None and existing.status in ("connected", "reconnecting"):
+            return existing, False
+        if self.active() >= self.max_workers:
+            raise CapacityError(f"all {self.max_workers} avatar workers are busy")
+        info = WorkerInfo(
+            agent_id,
+            room,
+            participant_id,
+            "connecting",
+            time.time(),
+            listen_to=listen_to,
+            participant_name=participant_name,
         )
+        self._workers[key] = info
+        start = _Start(info, asyncio.get_running_loop().create_future())
+        self._starting[key] = start
+        worker = self._factory(
+            agent_id=agent_id,
+            room_url=room_url,
+            token=token,
+            model=model,
+            listen_to=listen_to,
+            participant_name=participant_name,
+        )
+        start.task = asyncio.current_task()
         try:
-            await worker.start()
-        except Exception as err:
-            info.status, info.error = "failed", f"{type(err).__name__}: {err}"
-            logger.error("avatar %s could not join room %s: %s", agent_id, room, info.error)
-            raise
-        info.status = "connected"
-        self._workers[key] = (info, worker)
-        worker.stopped.add_done_callback(lambda _: self._on_stopped(key, worker))
-        logger.info("avatar %s joined room %s as %s", agent_id, room, participant_id)
+            await self._start(key, start, worker)
+        finally:
+            self._starting.pop(key, None)
+            if not start.done.done():
+                start.done.cancel()
+            elif not start.done.cancelled():
+                start.done.exception()  # retrieved: duplicates may not have been waiting
         return info, True
 
-    def _on_stopped(self, key: tuple[str, str], worker: AvatarWorker) -> None:
-        entry = self._workers.get(key)
-        if entry is None or entry[1] is not worker:
+    async def _start(self, key: tuple[str, str], start: _Start, worker: AvatarWorker) -> None:
+        info = start.info
+        try:
+            await worker.start()
+        except BaseException as err:
+            cancelled = isinstance(err, asyncio.CancelledError)
+            info.status = "stopped" if cancelled else "failed"
+            info.error = None if cancelled else f"{type(err).__name__}: {err}"
+            if cancelled:
+                self._workers.pop(key, None)
+            else:
+                logger.error("avatar %s could not join room %s: %s", *key, info.error)
+                self._forget_old_failures()
+            start.done.set_exception(err if not cancelled else CapacityError("shutting down"))
+            raise
+        if start.cancelled:  # a leave arrived while it was connecting: it goes now
+            logger.info("avatar %s left room %s right after joining (leave-room)", *key)
+            await worker.stop()
+            info.status = "stopped"
+            start.done.set_result(info)
             return
-        info = entry[0]
+        info.status = "connected"
+        info.worker = worker
+        if worker.participant_sid:
+            info.participant_id = worker.participant_sid
+        info.warnings.extend(worker.warnings)
+        worker.stopped.add_done_callback(lambda _: self._on_stopped(key, worker))
+        logger.info("avatar %s joined room %s as %s", key[0], key[1], info.participant_id)
+        start.done.set_result(info)
+
+    def _on_stopped(self, key: tuple[str, str], worker: AvatarWorker) -> None:
+        info = self._workers.get(key)
+        if info is None or info.worker is not worker:
+            return
+        info.worker = None
         if worker.error:
             info.status, info.error = "failed", worker.error  # kept, so callers can see it
+            self._forget_old_failures()
         else:
             info.status = "stopped"
             del self._workers[key]
 
+    def _forget_old_failures(self) -> None:
+        failed = sorted(
+            (info.started_at, key) for key, info in self._workers.items() if info.status == "failed"
+        )
+        cutoff = time.time() - FAILED_TTL
+        excess = len(failed) - MAX_FAILED
+        for i, (started, key) in enumerate(failed):
+            if i < excess or started < cutoff:
+                del self._workers[key]
+
     async def leave(self, agent_id: str, room: str | None = None) -> list[WorkerInfo]:
-        """Stop the agent's worker in ``room`` (or in every room); returns what was stopped."""
+        """Stop the agent's worker in ``room`` (or in every room); returns what was stopped.
+
+        A worker still connecting is stopped as soon as its start returns.
+        """
         stopped = []
-        for (agent, name), (info, worker) in list(self._workers.items()):
+        for (agent, name), info in list(self._workers.items()):
             if agent != agent_id or (room is not None and name != room):
                 continue
-            if worker is not None:
-                await worker.stop()
+            pending = self._starting.get((agent, name))
+            if pending is not None:
+                pending.cancelled = True
+            elif info.worker is not None:
+                await info.worker.stop()
             self._workers.pop((agent, name), None)
             info.status = "stopped"
             stopped.append(info)
         return stopped
 
     async def aclose(self) -> None:
-        for _, worker in list(self._workers.values()):
-            if worker is not None:
-                await worker.stop()
+        """Stop every worker; joins still connecting are cancelled, not waited for."""
+        self._closed = True
+        tasks = [s.task for s in self._starting.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(task), 5.0)
+        for info in list(self._workers.values()):
+            if info.worker is not None:
+                await info.worker.stop()
         self._workers.clear()

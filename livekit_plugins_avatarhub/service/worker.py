@@ -4,13 +4,21 @@ The worker connects with the token it was given, renders the audio it receives (
 DataStream avatar protocol: ``lk.audio_stream`` in, ``lk.playback_started`` /
 ``lk.playback_finished`` back, ``lk.clear_buffer`` honoured; or a named participant's
 microphone) and publishes video and audio. The cloud dynamics RPC ``trigger_dynamics`` pushes
-``VideoControl(action=...)``.
+``VideoControl(action=...)`` and answers in bitHuman's documented shape.
+
+Right after joining it takes the display name it was asked for and removes an ``api_secret``
+attribute (LiveKit's bithuman plugin copies its secret into the avatar token, where everyone
+in the room could read it); both need the token's ``canUpdateOwnMetadata`` grant, and what
+could not be done is reported in ``warnings``. It leaves by itself when the room has had no
+other participant and no audio for ``idle_timeout`` seconds, and rides out LiveKit's
+reconnects (``reconnecting`` meanwhile).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,10 +29,14 @@ from livekit import rtc
 from ..generator import RuntimeVideoGenerator
 from ..loader import OpenedAvatar
 from ..log import logger
+from ..participant import RPC_TRIGGER_DYNAMICS
 from ..publish import VideoPublishOptions, avatar_runner
 from ..runtime import AvatarRuntime
 
-RPC_TRIGGER_DYNAMICS = "trigger_dynamics"
+SERVICE_NAME = "avatarhub"
+DEFAULT_IDLE_TIMEOUT = 300.0
+#: what LiveKit's bithuman plugin puts in the avatar token's attributes besides the agent's id
+_LEAKED_ATTRIBUTES = ("api_secret",)
 
 #: (agent_id, model) → the avatar loaded and its model file leased (``loader.open_avatar``)
 AvatarOpener = Callable[[str, "str | None"], Awaitable[OpenedAvatar]]
@@ -42,13 +54,22 @@ class AvatarWorker:
         token: str,
         model: str | None = None,
         listen_to: str | None = None,
+        participant_name: str | None = None,
         opener: AvatarOpener,
         room_factory: RoomFactory = rtc.Room,
         video_options: VideoPublishOptions | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.agent_id = agent_id
         self.model = model
         self.listen_to = listen_to
+        self.participant_name = participant_name
+        self.idle_timeout = idle_timeout
+        self.participant_sid: str | None = None
+        self.warnings: list[str] = []
+        self.reconnecting = False
+        self._generator: RuntimeVideoGenerator | None = None
+        self._idle: asyncio.Task[None] | None = None
         self._room_url = room_url
         self._token = token
         self._opener = opener
@@ -74,10 +95,14 @@ class AvatarWorker:
         try:
             self._opened = await self._opener(self.agent_id, self.model)
             generator = await RuntimeVideoGenerator.create(self._opened.runtime)
+            self._generator = generator
             self.room = self._room_factory()
             await self.room.connect(self._room_url, self._token)
             self.room.on("disconnected", self._on_disconnected)
+            self.room.on("reconnecting", self._on_reconnecting)
+            self.room.on("reconnected", self._on_reconnected)
             self.room.local_participant.register_rpc_method(RPC_TRIGGER_DYNAMICS, self._on_trigger)
+            await self._present_self()
         except BaseException:
             await self._cleanup()
             raise
@@ -85,6 +110,63 @@ class AvatarWorker:
         self._runner = avatar_runner(self.room, generator, receiver, self._video_options)
         # the runner waits for the agent (or microphone) to show up: don't hold the caller
         self._watch = asyncio.create_task(self._run(), name=f"avatar-{self.agent_id}")
+        if self.idle_timeout > 0:
+            self._idle = asyncio.create_task(self._leave_when_idle())
+
+    async def _present_self(self) -> None:
+        """Its LiveKit SID, the display name asked for, and no secret in its attributes."""
+        me = self.room.local_participant
+        self.participant_sid = getattr(me, "sid", None) or None
+        if self.participant_name and getattr(me, "name", None) != self.participant_name:
+            try:
+                await me.set_name(self.participant_name)
+            except Exception as err:
+                self._warn(
+                    f"could not set the display name {self.participant_name!r} ({err}); give the "
+                    "room token the name, or the canUpdateOwnMetadata grant"
+                )
+        leaked = {k: "" for k in _LEAKED_ATTRIBUTES if k in (getattr(me, "attributes", {}) or {})}
+        if leaked:
+            try:
+                await me.set_attributes(leaked)  # "" deletes the attribute
+            except Exception as err:
+                self._warn(
+                    f"the room token carries an api_secret attribute that every participant can "
+                    f"read, and it could not be removed ({err}); use a service key that can only "
+                    "launch avatars, or grant canUpdateOwnMetadata"
+                )
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        logger.warning("avatar %s: %s", self.agent_id, message)
+
+    def _on_reconnecting(self, *_: Any) -> None:
+        self.reconnecting = True
+        logger.info("avatar %s lost its connection; LiveKit is reconnecting", self.agent_id)
+
+    def _on_reconnected(self, *_: Any) -> None:
+        self.reconnecting = False
+        logger.info("avatar %s reconnected", self.agent_id)
+
+    async def _leave_when_idle(self) -> None:
+        """Leave after ``idle_timeout`` s with no other participant in the room and no audio."""
+        check = min(5.0, self.idle_timeout / 4)
+        alone_since = time.monotonic()
+        while not self._closing:
+            await asyncio.sleep(check)
+            now = time.monotonic()
+            if self.room is None or self.room.remote_participants:
+                alone_since = now
+                continue
+            heard = self._generator.last_audio_at if self._generator is not None else 0.0
+            if now - max(alone_since, heard) >= self.idle_timeout:
+                logger.info(
+                    "avatar %s leaves: no one in the room and no audio for %.0fs",
+                    self.agent_id,
+                    self.idle_timeout,
+                )
+                asyncio.get_running_loop().create_task(self.stop())
+                return
 
     def _receiver(self, sample_rate: int) -> AudioReceiver:
         if self.listen_to:
@@ -116,19 +198,21 @@ class AvatarWorker:
             asyncio.get_running_loop().create_task(self.stop())
 
     async def _on_trigger(self, data: rtc.RpcInvocationData) -> str:
+        """bitHuman's cloud dynamics RPC, answered in its documented shape."""
         try:
             payload = json.loads(data.payload or "{}")
             action = payload.get("action") if isinstance(payload, dict) else None
         except ValueError:
             action = None
         if not isinstance(action, str) or not action:
-            return json.dumps({"success": False, "error": 'payload must be {"action": "<name>"}'})
-        if self.runtime is None:
-            return json.dumps({"success": False, "error": "the avatar is not running"})
+            return _trigger_answer(None, error='the payload must be {"action": "<name>"}')
+        runtime = self.runtime
+        if runtime is None:
+            return _trigger_answer(action, error="the avatar is not running")
         from bithuman import VideoControl
 
-        await self.runtime.push(VideoControl(action=action))
-        return json.dumps({"success": True, "action": action})
+        await runtime.push(VideoControl(action=action, force_action=bool(payload.get("force"))))
+        return _trigger_answer(action)
 
     async def stop(self) -> None:
         self._closing = True
@@ -139,6 +223,9 @@ class AvatarWorker:
         await self._cleanup()
 
     async def _cleanup(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and idle is not asyncio.current_task():
+            idle.cancel()
         runner, self._runner = self._runner, None
         if runner is not None and getattr(runner, "_read_audio_atask", None) is not None:
             await runner.aclose()  # AvatarRunner.aclose() before start() raises
@@ -148,9 +235,24 @@ class AvatarWorker:
         room, self.room = self.room, None
         if room is not None:
             room.off("disconnected", self._on_disconnected)
+            room.off("reconnecting", self._on_reconnecting)
+            room.off("reconnected", self._on_reconnected)
             await room.disconnect()
         if not self.stopped.done():
             self.stopped.set_result(None)
+
+
+def _trigger_answer(action: str | None, *, error: str | None = None) -> str:
+    """``{"status", "action", "animation_triggered", "service"}``, as bitHuman's cloud answers."""
+    answer: dict[str, Any] = {
+        "status": "error" if error else "success",
+        "action": action,
+        "animation_triggered": error is None,
+        "service": SERVICE_NAME,
+    }
+    if error:
+        answer["message"] = error
+    return json.dumps(answer)
 
 
 async def _wait_for_complete(runner: AvatarRunner) -> None:
