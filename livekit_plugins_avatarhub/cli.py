@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8089)
     p.add_argument("--max-workers", type=int, default=4, help="avatars rendering at once")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        help="seconds with no one else in the room and no audio before an avatar leaves "
+        "(default 300; 0 never)",
+    )
     p.add_argument("--key", help="the key clients must send (default: AVATARHUB_SERVICE_KEY)")
     p.add_argument(
         "--api-secret", help="bitHuman secret for model downloads (default: BITHUMAN_API_SECRET)"
@@ -385,10 +392,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("error: set AVATARHUB_SERVICE_KEY (or --key): clients must authenticate")
     if args.max_workers < 1:
         raise SystemExit("error: --max-workers must be at least 1")
+    if not 0 <= args.idle_timeout < float("inf"):
+        raise SystemExit("error: --idle-timeout must be a number of seconds, 0 or more")
     secret = settings.bithuman_secret(args.api_secret)
     asyncio.run(
         serve(
-            host=args.host, port=args.port, key=key, api_secret=secret, max_workers=args.max_workers
+            host=args.host,
+            port=args.port,
+            key=key,
+            api_secret=secret,
+            max_workers=args.max_workers,
+            idle_timeout=args.idle_timeout,
         )
     )
     return 0

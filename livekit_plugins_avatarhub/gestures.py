@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
     from .api import BithumanAPI
-    from .runtime import AvatarRuntime
 
 # words that commonly call for a gesture whose name contains the key
 _HINTS: dict[str, tuple[str, ...]] = {
@@ -168,7 +167,7 @@ class GestureTrigger:
         self._last_any = now
         from bithuman import VideoControl
 
-        await self._runtime().push(VideoControl(action=action))
+        await self._receiver().push(VideoControl(action=action))
         logger.debug("gesture %r triggered", action)
         return True
 
@@ -219,10 +218,11 @@ class GestureTrigger:
         if not task.cancelled() and task.exception() is not None:
             logger.warning("gesture failed: %s", task.exception())
 
-    def _runtime(self) -> AvatarRuntime:
+    def _receiver(self) -> Any:
+        """Whatever takes ``push(VideoControl)``: an AvatarSession (either mode) or a runtime."""
         if callable(getattr(self._target, "push", None)):
-            return self._target  # type: ignore[no-any-return]
-        return self._target.runtime  # type: ignore[no-any-return]  # AvatarSession
+            return self._target
+        return self._target.runtime  # something else that holds a runtime
 
     def _warn_missing(self, action: str) -> None:
         if action not in self._warned:

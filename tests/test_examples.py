@@ -132,7 +132,7 @@ async def test_agent_with_dynamics_example_gestures_on_keywords():
         "user_input_transcribed", UserInputTranscribedEvent(transcript="Hello!", is_final=True)
     )
     await asyncio.sleep(0.1)
-    runtime = gestures._runtime()
+    runtime = gestures._target.runtime  # the example's AvatarSession, rendering the demo
     assert runtime._action is not None and runtime._action[0] == "wave"
     await speak_and_watch(ctx, sessions[0])
     await sessions[0].aclose()

@@ -15,9 +15,8 @@ from livekit import rtc
 pytest.importorskip("aiohttp")
 
 
-from service_harness import KEY, LK_KEY, LK_SECRET, Harness, room_token, sid_of
-
 from fakes import FakeRoom
+from service_harness import KEY, LK_KEY, LK_SECRET, Harness, room_token, sid_of
 
 
 def join_body(room: str = "room-a", **extra) -> dict:

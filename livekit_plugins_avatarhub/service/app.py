@@ -23,6 +23,7 @@ from ..log import logger
 from ..settings import DEMO_AVATAR_ID, is_agent_code, is_cloud_only, is_demo, model_family
 from .manager import CapacityError, WorkerInfo, WorkerManager
 from .tokens import token_identity, token_room
+from .worker import DEFAULT_IDLE_TIMEOUT
 
 MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
 BACKGROUND: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("background", set)
@@ -321,7 +322,11 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def default_manager(
-    *, api_secret: str | None, max_workers: int, room_factory: Any = None
+    *,
+    api_secret: str | None,
+    max_workers: int,
+    room_factory: Any = None,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
 ) -> WorkerManager:
     """Workers that load avatars like ``AvatarSession`` does (``loader.open_avatar``: the hub,
     the cloud-only fallback, the cache lease) and connect real LiveKit rooms."""
@@ -334,19 +339,27 @@ def default_manager(
     def factory(**kwargs: Any) -> AvatarWorker:
         if room_factory is not None:
             kwargs["room_factory"] = room_factory
-        return AvatarWorker(opener=opener, **kwargs)
+        return AvatarWorker(opener=opener, idle_timeout=idle_timeout, **kwargs)
 
     return WorkerManager(factory, max_workers=max_workers)
 
 
 async def serve(
-    *, host: str, port: int, key: str, api_secret: str | None, max_workers: int
+    *,
+    host: str,
+    port: int,
+    key: str,
+    api_secret: str | None,
+    max_workers: int,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
 ) -> None:
     """Run until SIGINT/SIGTERM, then stop every worker."""
-    import asyncio
     import signal
 
-    app = create_app(default_manager(api_secret=api_secret, max_workers=max_workers), key=key)
+    manager = default_manager(
+        api_secret=api_secret, max_workers=max_workers, idle_timeout=idle_timeout
+    )
+    app = create_app(manager, key=key)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
