@@ -57,6 +57,28 @@ class ModelRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "size": (int,),
+    "sha256": (str,),
+    "etag": (str,),
+    "last_modified": (str,),
+    "source": (str,),
+    "fetched_at": (int, float),
+    "validated_at": (int, float),
+    "last_used": (int, float),
+    "extra": (dict,),
+}
+
+
+def _well_typed(name: str, value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool):  # JSON true is an int to Python; never a size or a time
+        return False
+    return isinstance(value, _FIELD_TYPES[name])
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     code: str
@@ -64,6 +86,8 @@ class CacheEntry:
     size: int
     model: str | None
     last_used: float
+    #: the file's size differs from the one recorded when it was verified (truncated or grown)
+    damaged: bool = False
 
 
 def is_model_file(path: Path) -> bool:
@@ -130,12 +154,15 @@ class ModelCache:
         return self.meta_dir(code) / f"{filename}.json"
 
     def read_record(self, code: str, filename: str) -> ModelRecord | None:
+        """The sidecar, or None. Fields of the wrong type are ignored, never trusted."""
         try:
             raw = json.loads(self._meta_path(code, filename).read_text("utf-8"))
-            known = {k: raw[k] for k in ModelRecord.__dataclass_fields__ if k in raw}
-            return ModelRecord(**known)
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError):
             return None
+        if not isinstance(raw, dict):
+            return None
+        known = {k: raw[k] for k in _FIELD_TYPES if k in raw and _well_typed(k, raw[k])}
+        return ModelRecord(code=code, filename=filename, **known)
 
     def write_record(self, record: ModelRecord) -> None:
         path = self._meta_path(record.code, record.filename)
@@ -173,11 +200,24 @@ class ModelCache:
             return []
 
     def find(self, code: str, family: str | None = None) -> Path | None:
-        """The cached model for ``code`` (and ``family`` when given), most recently used first."""
+        """The cached model for ``code`` (and ``family`` when given), most recently used first.
+
+        A file whose size is not the size recorded when it was verified is not a cached model:
+        someone truncated or appended to it. (A full sha256 check: ``pull --verify``.)
+        """
         candidates: list[tuple[float, Path]] = []
         files = self.models(code)
         for path in files:
             record = self.read_record(code, path.name)
+            if self.damaged(path, record):
+                logger.warning(
+                    "cached model %s is %d bytes but was verified at %s; treating it as not "
+                    "cached",
+                    path,
+                    path.stat().st_size,
+                    record.size if record else "?",
+                )
+                continue
             known = (record.model if record else None) or guess_family(path.name)
             if family is not None and known is not None and known != family:
                 continue
@@ -202,8 +242,32 @@ class ModelCache:
                 stat = path.stat()
                 model = (record.model if record else None) or guess_family(path.name)
                 used = (record.last_used if record else None) or stat.st_mtime
-                result.append(CacheEntry(code, path, stat.st_size, model, used))
+                damaged = self.damaged(path, record)
+                result.append(CacheEntry(code, path, stat.st_size, model, used, damaged))
         return result
+
+    @staticmethod
+    def damaged(path: Path, record: ModelRecord | None) -> bool:
+        """Whether the file's size differs from the size recorded when it was verified."""
+        if record is None or record.size is None:
+            return False  # pulled by the bithuman SDK: nothing recorded to compare with
+        try:
+            return path.stat().st_size != record.size
+        except OSError:
+            return True
+
+    def verify(self, code: str, path: Path) -> bool | None:
+        """Hash the whole file against the recorded sha256 (blocking; None: nothing recorded)."""
+        import hashlib
+
+        record = self.read_record(code, path.name)
+        if record is None or record.sha256 is None:
+            return None
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest() == record.sha256
 
     # -- removal ----------------------------------------------------------------------------
 

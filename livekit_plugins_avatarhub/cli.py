@@ -37,6 +37,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from .hub import ModelHub
 
     async def pull() -> int:
+        status = 0
         for code in args.codes:
             update, close = _progress_bar(code)
             hub = ModelHub(
@@ -49,10 +50,28 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 path = await hub.resolve(code, model=args.model)
             finally:
                 close()
+            if args.verify and not await _verified(hub, code, path):
+                status = 1
+                continue
             print(f"{code}\t{path}")
-        return 0
+        return status
 
     return asyncio.run(pull())
+
+
+async def _verified(hub: Any, code: str, path: Any) -> bool:
+    """``pull --verify``: hash the whole cached file; a mismatch is removed and fetched again."""
+    ok = await asyncio.to_thread(hub.cache.verify, code, path)
+    if ok is None:
+        print(f"{code}: no sha256 recorded for {path.name}; size checked only", file=sys.stderr)
+        return True
+    if ok:
+        return True
+    print(f"{code}: {path.name} does not match its sha256; downloading it again", file=sys.stderr)
+    await asyncio.to_thread(path.unlink)
+    hub.fresh_for = 0
+    again = await hub.resolve(code)
+    return bool(await asyncio.to_thread(hub.cache.verify, code, again) is not False)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -65,7 +84,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"{'CODE':<12} {'MODEL':<13} {'SIZE':>10}  {'LAST USED':<16}  FILE")
     for e in sorted(entries, key=lambda e: e.last_used, reverse=True):
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
-        print(f"{e.code:<12} {e.model or '?':<13} {_size(e.size):>10}  {used:<16}  {e.path.name}")
+        note = "  DAMAGED (size changed since it was verified; pull it again)" if e.damaged else ""
+        print(
+            f"{e.code:<12} {e.model or '?':<13} {_size(e.size):>10}  {used:<16}  "
+            f"{e.path.name}{note}"
+        )
     total = sum(e.size for e in entries)
     print(f"{len(entries)} models, {_size(total)} in {ModelCache().root}")
     return 0
@@ -90,8 +113,6 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .cache import ModelCache
 
-    if args.max_gb < 0:
-        raise SystemExit("error: --max-gb must be zero or more")
     evicted = ModelCache().evict(int(args.max_gb * (1 << 30)))
     for e in evicted:
         print(f"{e.code}: removed {e.path.name} ({_size(e.size)})")
@@ -109,6 +130,48 @@ def _size(n: int) -> str:
 
 
 # -- parser ------------------------------------------------------------------------------------
+
+
+def _non_negative(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}, 0 or more")
+    return value
+
+
+def _gigabytes(text: str) -> float:
+    return _non_negative(text, "a size in GB")
+
+
+def _seconds(text: str) -> float:
+    return _non_negative(text, "a number of seconds")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
+def _host(text: str) -> str:
+    """An IP address or a host name; dotted numbers must be a valid IPv4 address."""
+    import ipaddress
+    import re
+
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return text.strip("[]")
+    except ValueError:
+        pass
+    if re.fullmatch(r"[\d.]+", text) or not re.fullmatch(
+        r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+        text,
+    ):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or host name")
+    return text
 
 
 def _api_options(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="essence-1, essence-2 or expression-2 (default: the agent's own)"
     )
     p.add_argument("--force", action="store_true", help="revalidate even if recently checked")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also hash the whole cached file against its recorded sha256 (sizes are always "
+        "checked)",
+    )
     _api_options(p)
     p.set_defaults(func=cmd_pull)
 
@@ -143,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("prune", help="evict least-recently-used avatars down to a size")
-    p.add_argument("--max-gb", type=float, required=True, help="size to shrink the cache to")
+    p.add_argument("--max-gb", type=_gigabytes, required=True, help="size to shrink the cache to")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("render", help="render speech through an avatar into an MP4 (H.264 + AAC)")
@@ -188,12 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="run the self-hosted avatar service (needs the 'service' extra)"
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8089)
+    p.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    p.add_argument("--port", type=_port, default=8089)
     p.add_argument("--max-workers", type=int, default=4, help="avatars rendering at once")
     p.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_seconds,
         default=300.0,
         help="seconds with no one else in the room and no audio before an avatar leaves "
         "(default 300; 0 never)",
@@ -392,9 +463,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("error: set AVATARHUB_SERVICE_KEY (or --key): clients must authenticate")
     if args.max_workers < 1:
         raise SystemExit("error: --max-workers must be at least 1")
-    if not 0 <= args.idle_timeout < float("inf"):
-        raise SystemExit("error: --idle-timeout must be a number of seconds, 0 or more")
     secret = settings.bithuman_secret(args.api_secret)
+    try:
+        _serve(args, serve, key, secret)
+    except OSError as err:  # the address is taken, or not this machine's
+        reason = err.strerror or err
+        raise SystemExit(f"error: cannot listen on {args.host}:{args.port}: {reason}") from None
+    return 0
+
+
+def _serve(args: argparse.Namespace, serve: Any, key: str, secret: str | None) -> None:
     asyncio.run(
         serve(
             host=args.host,
@@ -405,4 +483,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
         )
     )
-    return 0

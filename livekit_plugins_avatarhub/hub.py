@@ -59,16 +59,22 @@ _UNREACHABLE = (APIConnectionError, ServiceUnavailableError, RateLimitedError)
 
 
 def safe_filename(name: str | None, code: str, family: str | None) -> str:
-    """A server-given filename reduced to a plain base name with a model extension."""
+    """A server-given filename reduced to a plain, visible base name with a model extension.
+
+    Made safe after truncation, so a long name of dots cannot become a hidden file the cache
+    never finds; anything unusable gives the SDK's default name.
+    """
     default = f"{code}.lebundle.imx" if family == "essence-2" else f"{code}.imx"
     if not name:
         return default
-    base = _SAFE_NAME.sub("_", name.replace("\\", "/").rsplit("/", 1)[-1]).lstrip(".")
-    if not base or base in ("imx", "avatar"):
-        return default
+    base = _SAFE_NAME.sub("_", name.replace("\\", "/").rsplit("/", 1)[-1])
     if not base.endswith((".imx", ".avatar")):
         base += ".imx"
-    return base[-200:]
+    base = base[-200:].lstrip(".")
+    stem = base.rsplit(".", 1)[0]
+    if not stem.strip("._-") or stem in ("imx", "avatar", "lebundle"):
+        return default
+    return base
 
 
 @runtime_checkable

@@ -80,6 +80,8 @@ async def render(
     expected_frames = -(-samples // per_frame)
 
     output = await asyncio.to_thread(output.expanduser)
+    if await asyncio.to_thread(output.is_dir):
+        raise ConfigurationError(f"{output} is a directory; give the MP4 file to write (-o)")
     await asyncio.to_thread(output.parent.mkdir, parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.{os.getpid()}.part")
     # all audio first: the runtime queues it, so no idle frame slips in before the speech

@@ -141,9 +141,15 @@ def api_base(value: str | None = None) -> str:
     ``BITHUMAN_API_URL`` is deliberately not read: LiveKit's bithuman plugin uses it for the
     full runtime-token URL, which is not a REST base.
     """
+    import httpx
+
     base = env_or(value, "BITHUMAN_API_BASE") or DEFAULT_API_BASE
     base = base.rstrip("/")
-    if not base.startswith(("https://", "http://")):
+    try:
+        valid = base.startswith(("https://", "http://")) and bool(httpx.URL(base).host)
+    except httpx.InvalidURL:
+        valid = False
+    if not valid:
         raise ConfigurationError(
             f"API base {base!r} is not an http(s) URL; fix the argument or BITHUMAN_API_BASE"
         )
