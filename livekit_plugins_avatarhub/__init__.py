@@ -22,6 +22,7 @@ from .exceptions import (
     APIConnectionError,
     APIError,
     APIStatusError,
+    APITimeoutError,
     AuthenticationError,
     AvatarHubError,
     AvatarNotFoundError,

@@ -82,6 +82,24 @@ else:
         AvatarSessionBase = _StandInAvatarSessionBase
 
 
+def finish_interrupted_playback(sink: Any, position: float) -> int:
+    """Report every reply still playing on ``sink`` as finished (interrupted); returns how many.
+
+    When the avatar closes mid-reply nobody else will: the runner that would have reported it is
+    gone, and ``AgentSession.aclose()`` then waits for that ``playback_finished`` (forever on
+    livekit-agents 1.2). ``AudioOutput`` keeps its counts private in every 1.x; ``_pending_
+    playback_count`` is their difference where it exists (1.5+), else the mangled names.
+    """
+    pending = getattr(sink, "_pending_playback_count", None)
+    if pending is None:
+        captured = getattr(sink, "_AudioOutput__playback_segments_count", 0)
+        finished = getattr(sink, "_AudioOutput__playback_finished_count", 0)
+        pending = captured - finished
+    for _ in range(max(0, int(pending))):
+        sink.on_playback_finished(playback_position=position, interrupted=True)
+    return max(0, int(pending))
+
+
 def detach_room(session: Any) -> None:
     """Forget the room before the base class closes a session rendered in this process.
 

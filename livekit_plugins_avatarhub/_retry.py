@@ -55,10 +55,29 @@ async def with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy, wh
             if not retryable or attempt == policy.attempts - 1:
                 raise
             retry_after = err.retry_after if isinstance(err, APIStatusError) else None
+            if retry_after is not None and retry_after > policy.max_retry_after:
+                raise _wait_too_long(err, retry_after, policy) from None
             delay = policy.delay(attempt, retry_after)
             logger.info("%s failed (%s); retrying in %.1fs", what, err, delay)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _wait_too_long(err: Exception, seconds: float, policy: RetryPolicy) -> Exception:
+    """The server asks for a longer wait than we hold a lock and a caller for: fail now."""
+    when = time.strftime("%H:%M:%S", time.localtime(time.time() + seconds))
+    message = (
+        f"{err}; the server asks to retry after {seconds:.0f}s (at {when}), longer than the "
+        f"{policy.max_retry_after:.0f}s this call waits, so it gives up now"
+    )
+    assert isinstance(err, APIStatusError)
+    return type(err)(
+        message,
+        status_code=err.status_code,
+        code=err.code,
+        reason=err.reason,
+        retry_after=err.retry_after,
+    )
 
 
 def parse_retry_after(value: str | None) -> float | None:

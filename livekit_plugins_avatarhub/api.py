@@ -9,6 +9,7 @@ bitHuman's error envelope.
 from __future__ import annotations
 
 import asyncio
+import json as _json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .exceptions import (
     AgentNotReadyError,
     APIConnectionError,
     APIStatusError,
+    APITimeoutError,
     AuthenticationError,
     AvatarNotFoundError,
     ConfigurationError,
@@ -33,7 +35,7 @@ from .exceptions import (
     ServiceUnavailableError,
 )
 from .settings import api_base as resolve_api_base
-from .settings import env_or, redact, scrub, validate_avatar_id
+from .settings import api_deadline, bithuman_secret, redact, scrub, validate_avatar_id
 
 _BY_CODE: dict[str, type[APIStatusError]] = {
     "MODEL_ARTIFACT_NOT_READY": ModelNotReadyError,
@@ -59,14 +61,45 @@ _ADVICE: dict[type[APIStatusError], str] = {
 }
 
 
-def status_error(response: httpx.Response, what: str) -> APIStatusError:
-    """Map an error response (bitHuman's envelope, or anything else) to a typed exception."""
+MAX_ANSWER_BYTES = 8 << 20  # an API answer is JSON of a few KB; anything far larger is refused
+
+
+async def _read_capped(response: httpx.Response, limit: int, what: str) -> bytes:
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            raise APIStatusError(
+                f"{what}: the answer is larger than {limit >> 20} MB; refusing to read it",
+                status_code=response.status_code,
+            )
+    return bytes(data)
+
+
+def _is_error_envelope(body: Any) -> bool:
+    return isinstance(body, dict) and (
+        body.get("success") is False
+        or body.get("status") == "error"
+        or isinstance(body.get("error"), dict)
+    )
+
+
+def status_error(response: httpx.Response, what: str, raw: bytes | None = None) -> APIStatusError:
+    """Map an error response (bitHuman's envelope, or anything else) to a typed exception.
+
+    An envelope in a 200 answer is an error too: its ``httpStatus`` (else 400) decides the type.
+    """
     status = response.status_code
     code = reason = message = None
     try:
-        body = response.json()
+        body = _json.loads(raw) if raw is not None else response.json()
     except ValueError:
         body = None
+    if status < 300 and isinstance(body, dict):
+        error = body.get("error")
+        inner = error.get("httpStatus") if isinstance(error, dict) else None
+        declared = inner if isinstance(inner, int) else body.get("status_code")
+        status = declared if isinstance(declared, int) and declared >= 400 else 400
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict):
@@ -131,10 +164,12 @@ class BithumanAPI:
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        deadline: float | None = None,
     ) -> None:
-        self._secret = env_or(api_secret, "BITHUMAN_API_SECRET", "BITHUMAN_API_KEY")
+        self._secret = bithuman_secret(api_secret)
         self.base_url = resolve_api_base(api_base)
         self.retry = retry or RetryPolicy()
+        self.deadline = api_deadline(deadline)
         # no default auth header: the secret is added per request, to this host only
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
@@ -179,25 +214,35 @@ class BithumanAPI:
 
         async def once() -> Any:
             try:
-                response = await self._client.request(
+                async with self._client.stream(
                     method, path, params=params, json=json, headers=all_headers
-                )
+                ) as response:
+                    body = await _read_capped(response, MAX_ANSWER_BYTES, what)
             except httpx.TransportError as err:
                 raise APIConnectionError(
                     f"{what}: cannot reach {self.base_url} ({scrub(str(err), self._secret)}); "
                     f"check the network or BITHUMAN_API_BASE"
                 ) from None
             if response.status_code >= 400 or response.status_code in (301, 302, 303, 307, 308):
-                raise status_error(response, what)
+                raise status_error(response, what, body)
             try:
-                return response.json()
+                decoded = _json.loads(body)
             except ValueError:
                 raise APIStatusError(
                     f"{what}: HTTP {response.status_code} with a body that is not JSON",
                     status_code=response.status_code,
                 ) from None
+            if _is_error_envelope(decoded):  # an error answered with 200
+                raise status_error(response, what, body)
+            return decoded
 
-        return await with_retries(once, self.retry, what)
+        try:
+            return await asyncio.wait_for(with_retries(once, self.retry, what), self.deadline)
+        except asyncio.TimeoutError:
+            raise APITimeoutError(
+                f"{what}: bitHuman's API did not answer within {self.deadline:g}s "
+                "(AVATARHUB_API_DEADLINE)"
+            ) from None
 
     # -- models -----------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from .exceptions import (
     MissingSecretError,
 )
 from .generator import RuntimeVideoGenerator
-from .loader import OpenedAvatar, open_avatar
+from .loader import OpenedAvatar, check_model_file, check_output_size, open_avatar
 from .log import logger
 from .publish import VideoPublishOptions, avatar_runner
 from .runtime import AvatarRuntime, renew_for_job
@@ -100,7 +100,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         self._participant_identity = env_or(avatar_participant_identity) or _AVATAR_PARTICIPANT
         self._participant_name = env_or(avatar_participant_name) or _AVATAR_PARTICIPANT
         self._video_options = video_options or VideoPublishOptions()
-        self._output_size = output_size if utils.is_given(output_size) else None
+        self._output_size = check_output_size(output_size) if utils.is_given(output_size) else None
 
         given_runtime = runtime if utils.is_given(runtime) else None
         self._runtime: AvatarRuntime | None = given_runtime
@@ -116,6 +116,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         self._runner: AvatarRunner | None = None
         self._generator: RuntimeVideoGenerator | None = None
         self._opened: OpenedAvatar | None = None  # what this session loaded (runtime + lease)
+        self._audio_sink: Any = None
         self._started = False
         self._closed = False
 
@@ -177,6 +178,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
             )
         if arg_id and not is_demo(arg_id):
             settings.validate_avatar_id(arg_id)
+        if arg_path and Path(arg_path).expanduser().is_file():
+            check_model_file(arg_path)  # an empty file is refused now, not blamed on the network
         if arg_path and self._model is not None:
             logger.debug("model=%r is ignored with model_path: the file decides", self._model)
         return arg_id, arg_path
@@ -304,6 +307,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
 
         await super().start(agent_session, room)
         audio_sink = _compat.queue_audio_output(generator.audio_sample_rate)
+        self._audio_sink = audio_sink
         self._runner = avatar_runner(room, generator, audio_sink, self._video_options)
         await self._runner.start()
         _compat.replace_audio_output(agent_session, audio_sink)
@@ -358,6 +362,9 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.aclose()
+            # a reply cut off by the close must still end for the AgentSession
+            position = float(getattr(runner, "_playback_position", 0.0) or 0.0)
+            _compat.finish_interrupted_playback(self._audio_sink, position)
         await self._release_runtime()
         _compat.detach_room(self)
         await super().aclose()

@@ -211,8 +211,7 @@ class ModelCache:
             record = self.read_record(code, path.name)
             if self.damaged(path, record):
                 logger.warning(
-                    "cached model %s is %d bytes but was verified at %s; treating it as not "
-                    "cached",
+                    "cached model %s is %d bytes but was verified at %s; treating it as not cached",
                     path,
                     path.stat().st_size,
                     record.size if record else "?",

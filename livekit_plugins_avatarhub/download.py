@@ -2,9 +2,13 @@
 
 The bytes go to a uniquely named ``.incomplete`` file beside the destination, are hashed while
 they are written (on a second thread, so hashing overlaps the write), are checked against the
-announced size and sha256, and only then get the final name with ``os.replace``. A dropped
-connection resumes with ``Range`` when the server answers 206 with a matching ``Content-Range``;
-a 200 to a Range request, or a 416, starts over. Any failure removes the partial file.
+announced size and sha256, and only then get the final name with ``os.replace``. A file whose
+completeness cannot be established (neither a sha256 nor a length announced) is never kept.
+A dropped connection resumes with ``Range`` when the server answers 206 with a matching
+``Content-Range``; a 200 to a Range request, or a 416, starts over. A link that expires mid-way
+(401/403) is renewed once through ``refresh`` and the download resumes. Every redirect hop is
+checked like the first URL, and a download slower than ``min_rate`` over ``stall_window``
+seconds fails. Any failure removes the partial file.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +30,44 @@ import httpx
 
 from ._retry import RetryPolicy
 from .cache import INCOMPLETE_SUFFIX, cache_error
-from .exceptions import APIConnectionError, APIError, APIStatusError, IntegrityError
+from .exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    IntegrityError,
+)
 from .log import logger
 
 CHUNK_SIZE = 1 << 20
+MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 Progress = Callable[[int, int | None], None]
+#: a fresh download URL from the API, when the one in use has expired
+Refresh = Callable[[], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class RateRule:
+    """Fail a download that moves fewer than ``min_rate`` bytes/s over ``window`` seconds."""
+
+    min_rate: float = 10 * 1024
+    window: float = 30.0
+
+
+def storage_client(timeout: float, rule: RateRule) -> httpx.AsyncClient:
+    """A client for the storage host: no credentials, and every redirect hop checked."""
+
+    async def check_hop(request: httpx.Request) -> None:
+        check_download_url(str(request.url))
+
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout, read=rule.window),
+        follow_redirects=True,
+        max_redirects=MAX_REDIRECTS,
+        event_hooks={"request": [check_hop]},
+    )
 
 
 @dataclass(frozen=True)
@@ -49,6 +85,24 @@ class RemoteFile:
     etag: str | None
 
 
+class _NoSignedQueries(logging.Filter):
+    """httpx logs every request's URL at INFO; a pre-signed storage URL's query is a credential,
+    so no URL in httpx's log lines keeps its query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                arg.copy_with(query=b"redacted")
+                if isinstance(arg, httpx.URL) and arg.query
+                else arg
+                for arg in record.args
+            )
+        return True
+
+
+logging.getLogger("httpx").addFilter(_NoSignedQueries())
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -59,7 +113,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_download_url(url: str) -> httpx.URL:
-    """Only https, or plain http to this machine (for local test servers)."""
+    """Only https, or plain http to this machine (for local test servers); never a query shown."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:
@@ -67,7 +121,8 @@ def check_download_url(url: str) -> httpx.URL:
     if parsed.scheme == "https" or (parsed.scheme == "http" and is_loopback(parsed.host)):
         return parsed
     raise APIError(
-        f"refusing to download a model from {parsed.scheme}://{parsed.host}: only https is allowed"
+        f"refusing to download a model from {parsed.scheme}://{parsed.host}: only https is "
+        "allowed (redirects included)"
     )
 
 
@@ -89,12 +144,19 @@ def _http_error(response: httpx.Response) -> APIStatusError:
     return APIStatusError(
         f"model storage answered HTTP {response.status_code}"
         + (
-            " (the download link may have expired; resolving again fetches a new one)"
+            " (the download link expired or was refused; resolving again fetches a new one)"
             if response.status_code in (401, 403)
             else ""
         ),
         status_code=response.status_code,
     )
+
+
+class _Expired(Exception):
+    """The storage refused the link (401/403): it may have expired mid-download."""
+
+    def __init__(self, error: APIStatusError) -> None:
+        self.error = error
 
 
 async def download(
@@ -106,10 +168,14 @@ async def download(
     sha256: str | None = None,
     retry: RetryPolicy | None = None,
     progress: Progress | None = None,
+    refresh: Refresh | None = None,
+    rule: RateRule | None = None,
 ) -> Downloaded:
-    """Fetch ``url`` to ``dest``. ``client`` must carry no credentials of the bitHuman API."""
+    """Fetch ``url`` to ``dest``. ``client`` must carry no credentials of the bitHuman API
+    (make it with :func:`storage_client`)."""
     check_download_url(url)
     retry = retry or RetryPolicy()
+    rule = rule or RateRule()
     partial = dest.parent / f".{dest.name}.{secrets.token_hex(6)}{INCOMPLETE_SUFFIX}"
     try:
         try:
@@ -117,10 +183,15 @@ async def download(
         except OSError as err:
             raise cache_error(err, dest.parent, "write the model") from err
         try:
-            result = await _fetch(client, url, f, expected_size, retry, progress)
+            result = await _fetch(client, url, f, expected_size, retry, progress, refresh, rule)
         finally:
             await f.close()
-        written, digest, etag, modified = result
+        written, digest, etag, modified, announced = result
+        if sha256 is None and expected_size is None and announced is None:
+            raise IntegrityError(
+                f"{dest.name}: the storage announced neither a sha256 nor a length, so a cut-off "
+                "download cannot be told from a whole one; the file was not kept"
+            )
         if expected_size is not None and written != expected_size:
             raise IntegrityError(
                 f"{dest.name}: received {written} bytes, the service announced {expected_size}"
@@ -147,12 +218,15 @@ async def _fetch(
     expected_size: int | None,
     retry: RetryPolicy,
     progress: Progress | None,
-) -> tuple[int, str, str | None, str | None]:
+    refresh: Refresh | None,
+    rule: RateRule,
+) -> tuple[int, str, str | None, str | None, int | None]:
     hasher = hashlib.sha256()
     written = 0
     total = expected_size
     etag = modified = None
     failures = 0
+    loop = asyncio.get_running_loop()
 
     async def restart() -> None:
         nonlocal hasher, written
@@ -169,6 +243,8 @@ async def _fetch(
                 if response.status_code == 416:
                     logger.info("server refused to resume (416); restarting the download")
                     raise _Restart
+                if response.status_code in (401, 403) and refresh is not None:
+                    raise _Expired(_http_error(response))
                 if response.status_code >= 400:
                     error = _http_error(response)
                     if not error.retryable:
@@ -200,10 +276,17 @@ async def _fetch(
                 # hashed in batches of about CHUNK_SIZE, one thread hop each, without joining
                 batch: list[bytes] = []
                 pending = 0
+                window_start, window_bytes = loop.time(), 0
                 try:
                     async for chunk in response.aiter_raw():
                         batch.append(chunk)
                         pending += len(chunk)
+                        window_bytes += len(chunk)
+                        now = loop.time()
+                        if now - window_start >= rule.window:
+                            if window_bytes < rule.min_rate * (now - window_start):
+                                raise _too_slow(window_bytes, now - window_start, rule)
+                            window_start, window_bytes = now, 0
                         if pending >= CHUNK_SIZE:
                             written = await _store(f, hasher, batch, written, total, progress)
                             batch, pending = [], 0
@@ -214,10 +297,20 @@ async def _fetch(
             if total is not None and written < total:
                 raise _Interrupted(f"connection closed after {written} of {total} bytes")
             await f.flush()
-            return written, hasher.hexdigest(), etag, modified
+            return written, hasher.hexdigest(), etag, modified, total
+        except _Expired as expired:
+            assert refresh is not None
+            logger.info(
+                "the download link was refused (%d); asking for a fresh one",
+                expired.error.status_code,
+            )
+            url, refresh = await refresh(), None  # once: a second refusal is final
+            check_download_url(url)
         except _Restart:
             await restart()
             failures += 1
+        except httpx.ReadTimeout:
+            raise _too_slow(0, rule.window, rule) from None
         except (httpx.TransportError, _Interrupted) as err:
             failures += 1
             if failures >= retry.attempts:
@@ -237,6 +330,14 @@ async def _fetch(
             raise APIConnectionError(
                 f"model download could not be restarted after {failures} tries"
             )
+
+
+def _too_slow(received: int, seconds: float, rule: RateRule) -> APITimeoutError:
+    return APITimeoutError(
+        f"model download stalled: {received} bytes in {seconds:.0f}s, below the minimum of "
+        f"{rule.min_rate / 1024:.0f} KB/s (AVATARHUB_MIN_DOWNLOAD_RATE, in bytes/s, over "
+        f"AVATARHUB_STALL_SECONDS={rule.window:g})"
+    )
 
 
 def _hash_all(hasher: hashlib._Hash, batch: list[bytes]) -> None:

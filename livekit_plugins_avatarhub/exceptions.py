@@ -19,6 +19,7 @@ Several also subclass a builtin, and the API errors LiveKit's own, so that gener
     ├── AgentNotReadyError (TimeoutError)      an agent was still building when the wait ended
     └── APIError (livekit.agents.APIError)     talking to the bitHuman REST API failed
         ├── APIConnectionError (livekit.agents.APIConnectionError, ConnectionError)
+        │   └── APITimeoutError (TimeoutError)  past the API deadline, or a stalled download
         └── APIStatusError (livekit.agents.APIStatusError)  an error status
             ├── AuthenticationError            401 / 403
             ├── AvatarNotFoundError            404 NOT_FOUND
@@ -34,6 +35,7 @@ from __future__ import annotations
 from livekit.agents import APIConnectionError as _LiveKitConnectionError
 from livekit.agents import APIError as _LiveKitAPIError
 from livekit.agents import APIStatusError as _LiveKitStatusError
+from livekit.agents import APITimeoutError as _LiveKitTimeoutError
 
 CLOUD_PLUGIN_HINT = (
     "bitHuman's cloud renders it: use `from livekit.plugins import bithuman` "
@@ -106,6 +108,13 @@ class APIConnectionError(APIError, _LiveKitConnectionError, ConnectionError):
     """The bitHuman API (or the model storage host) could not be reached."""
 
     def __init__(self, message: str = "Connection error.", *, retryable: bool = True) -> None:
+        APIError.__init__(self, message, retryable=retryable)
+
+
+class APITimeoutError(APIConnectionError, _LiveKitTimeoutError, TimeoutError):
+    """bitHuman's API took longer than its deadline, or a download fell below the minimum rate."""
+
+    def __init__(self, message: str = "Request timed out.", *, retryable: bool = False) -> None:
         APIError.__init__(self, message, retryable=retryable)
 
 

@@ -30,7 +30,15 @@ from filelock import Timeout as FileLockTimeout
 from ._retry import RetryPolicy
 from .api import BithumanAPI, ModelDownload
 from .cache import ModelCache, ModelRecord
-from .download import Downloaded, Progress, download, probe, public_location
+from .download import (
+    Downloaded,
+    Progress,
+    RateRule,
+    download,
+    probe,
+    public_location,
+    storage_client,
+)
 from .exceptions import (
     CLOUD_PLUGIN_HINT,
     APIConnectionError,
@@ -43,6 +51,8 @@ from .exceptions import (
 from .log import logger
 from .settings import (
     DOWNLOADABLE_FAMILIES,
+    api_deadline,
+    download_rate_rule,
     is_cloud_only,
     max_cache_bytes,
     model_family,
@@ -105,6 +115,8 @@ class ModelHub:
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         progress: Progress | None = None,
+        deadline: float | None = None,
+        rate_rule: RateRule | None = None,
     ) -> None:
         self.cache = cache_dir if isinstance(cache_dir, ModelCache) else ModelCache(cache_dir)
         self.offline = offline_mode(offline)
@@ -112,6 +124,8 @@ class ModelHub:
         self.lock_timeout = lock_timeout
         self.retry = retry or RetryPolicy()
         self._timeout = timeout
+        self._deadline = api_deadline(deadline)
+        self._rule = rate_rule or RateRule(*download_rate_rule())
         self._progress = progress
         self._api_secret = api_secret
         self._api_base = api_base
@@ -177,22 +191,36 @@ class ModelHub:
             api_base=self._api_base,
             timeout=self._timeout,
             retry=self.retry,
+            deadline=self._deadline,
         ) as api:
             if is_cloud_only(model):
                 family = await self._local_family_for(api, code, model or "")
             self.requests += 1
             info = await api.model_download(code, family)
+            return await self._store(api, code, family, info, cached)
+
+    async def _store(
+        self,
+        api: BithumanAPI,
+        code: str,
+        family: str | None,
+        info: ModelDownload,
+        cached: Path | None,
+    ) -> Path:
+        asked = family
         family = _family_of(info, family)
         filename = safe_filename(info.filename, code, family)
         target = self.cache.agent_dir(code) / filename
         # we hold the lock: partial files left here are from a process that died mid-download
         await asyncio.to_thread(self.cache.remove_partials, code)
 
+        async def fresh_link() -> str:
+            """The pre-signed link expired mid-download: ask the API for another."""
+            self.requests += 1
+            return (await api.model_download(code, asked)).url
+
         # the storage host never sees the API secret: a separate client with no credentials
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(self._timeout, read=max(self._timeout, 60.0)),
-            follow_redirects=True,
-        ) as storage:
+        async with storage_client(self._timeout, self._rule) as storage:
             existing = target if target.exists() else None
             if existing is not None and await self._still_current(storage, code, existing, info):
                 return existing
@@ -205,6 +233,8 @@ class ModelHub:
                 sha256=info.sha256,
                 retry=self.retry,
                 progress=self._progress or _log_progress(code),
+                refresh=fresh_link,
+                rule=self._rule,
             )
         await asyncio.to_thread(self._record, code, family, info, result)
         evicted = await asyncio.to_thread(self.cache.evict, max_cache_bytes(), keep=target)

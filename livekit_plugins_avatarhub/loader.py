@@ -122,6 +122,20 @@ async def open_avatar(
     return OpenedAvatar(runtime, path, lease)
 
 
+def check_output_size(size: object) -> tuple[int, int]:
+    """``(width, height)``, both whole numbers from 64 to 4096."""
+    if (
+        not isinstance(size, tuple)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+        or not all(64 <= v <= 4096 for v in size)
+    ):
+        raise ConfigurationError(
+            f"output_size must be (width, height) in pixels, each from 64 to 4096; got {size!r}"
+        )
+    return size
+
+
 def split_source(
     avatar: str | os.PathLike[str],
 ) -> tuple[str | None, str | os.PathLike[str] | None]:
@@ -192,6 +206,11 @@ def check_model_file(path: str | os.PathLike[str]) -> Path:
         )
     if not model.is_file():
         raise ModelFileError(f"model path {model} is not a file")
+    if model.stat().st_size == 0:
+        raise ModelFileError(
+            f"model file {model} is empty (0 bytes); an interrupted copy or download leaves "
+            "this: fetch the model again"
+        )
     try:
         with model.open("rb") as f:
             f.read(1)

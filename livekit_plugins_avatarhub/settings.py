@@ -116,6 +116,21 @@ def fresh_for(value: float | None = None) -> float:
     return _env_number("AVATARHUB_FRESH_FOR", DEFAULT_FRESH_FOR)
 
 
+def download_rate_rule() -> tuple[float, float]:
+    """(minimum bytes/s, over seconds) below which a download fails: ``AVATARHUB_MIN_DOWNLOAD_RATE``
+    (default 10240) and ``AVATARHUB_STALL_SECONDS`` (default 30)."""
+    rate = _env_number("AVATARHUB_MIN_DOWNLOAD_RATE", 10 * 1024.0)
+    window = _env_number("AVATARHUB_STALL_SECONDS", 30.0) or 30.0
+    return rate, window
+
+
+def api_deadline(value: float | None = None) -> float:
+    """Seconds one API call may take, retries included (``AVATARHUB_API_DEADLINE``, 120)."""
+    if value is not None:
+        return value
+    return _env_number("AVATARHUB_API_DEADLINE", 120.0) or 120.0
+
+
 def max_cache_bytes() -> int:
     """The cache cap, shared with the bithuman SDK: ``BITHUMAN_AVATAR_CACHE_GB`` (default 10)."""
     return int(_env_number("BITHUMAN_AVATAR_CACHE_GB", DEFAULT_CACHE_GB) * (1 << 30))

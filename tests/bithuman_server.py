@@ -21,7 +21,20 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 SECRET = "sk-test-0123456789abcdef"
-STORAGE_FAULTS = ("truncate", "ignore_range", "416", "500", "503", "slow", "corrupt")
+STORAGE_FAULTS = (
+    "truncate",  # half the body, then the connection closes
+    "truncate_unannounced",  # the same with no Content-Length (a close-delimited body)
+    "ignore_range",
+    "401",
+    "403",  # what object storage answers to a pre-signed link that has expired
+    "416",
+    "500",
+    "503",
+    "slow",
+    "trickle",  # a few bytes at a time, slower than any sane download
+    "corrupt",
+    "redirect:<url>",  # 302 to <url>
+)
 
 
 @dataclass
@@ -58,6 +71,8 @@ class FakeBithumanService:
         self.slow_seconds = 0.5
         self.expires_in: int | None = 3600
         self.refuse_head = False  # like storage URLs pre-signed for GET only
+        self.api_delay = 0.0  # seconds the API waits before answering
+        self.huge_answer = 0  # bytes of padding in the next download-info answer
         self.lock = threading.Lock()
         self._api = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, "api"))
         self._storage = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, "storage"))
@@ -165,6 +180,8 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                 fault = service.api_faults.pop(0) if service.api_faults else None
             length = int(self.headers.get("content-length") or 0)
             body = json.loads(self.rfile.read(length) or b"null") if length else None
+            if service.api_delay:
+                time.sleep(service.api_delay)
             if fault is not None:
                 status, code, headers = fault
                 self._error(status, code, "injected", headers)
@@ -244,6 +261,9 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
             }
             if agent.send_sha256:
                 payload["sha256"] = _digest(data, "sha256")
+            if service.huge_answer:
+                payload["padding"] = "x" * service.huge_answer
+                service.huge_answer = 0
             self._send_json(200, {"success": True, "data": payload})
 
         def _generate(self, body: Any) -> None:
@@ -317,7 +337,13 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                 self.send_header("content-length", "0")
                 self.end_headers()
                 return
-            if fault in ("500", "503", "416"):
+            if fault and fault.startswith("redirect:"):
+                self.send_response(302)
+                self.send_header("location", fault.split(":", 1)[1])
+                self.send_header("content-length", "0")
+                self.end_headers()
+                return
+            if fault in ("500", "503", "416", "401", "403"):
                 self.send_response(int(fault))
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -342,6 +368,13 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
             if status == 200:
                 body = data
             self.send_response(status)
+            if fault == "truncate_unannounced":
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                return
             self.send_header("content-length", str(len(body)))
             self.send_header("etag", etag)
             self.send_header("accept-ranges", "bytes")
@@ -355,6 +388,16 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
             if fault == "truncate":
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
+                self.close_connection = True
+                return
+            if fault == "trickle":
+                for i in range(0, min(len(body), 400), 10):
+                    try:
+                        self.wfile.write(body[i : i + 10])
+                        self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                    time.sleep(0.1)
                 self.close_connection = True
                 return
             step = 64 * 1024

@@ -31,11 +31,21 @@ CLOUD_MODE = "avatar_id" in inspect.signature(official.AvatarSession).parameters
 AGENT = "agent-test"  # the agent's own identity in its room
 
 
+class _RoomService:
+    def __init__(self) -> None:
+        self.removed: list[object] = []
+
+    async def remove_participant(self, request: object) -> None:
+        self.removed.append(request)
+
+
 class _JobContext:
     """What the official plugin reads of LiveKit's job context in cloud mode."""
 
     local_participant_identity = AGENT
-    api = None  # avatar removal on aclose() fails softly, as with no server
+
+    def __init__(self) -> None:
+        self.api = type("LiveKitAPI", (), {"room": _RoomService()})()
 
     def add_shutdown_callback(self, callback: object) -> None:
         return None
@@ -58,13 +68,30 @@ async def official_plugin_context():
             job._JobContextVar.reset(job_token)
 
 
-def recorder(seen: list[tuple[str, str]]):
+def recorder(seen: list[tuple[str, str, str | None]]):
+    """Notes each request's path, body type and ``model`` field (aiohttp keeps the body)."""
+    from urllib.parse import parse_qs
+
     @web.middleware
     async def record(request: web.Request, handler):
-        seen.append((request.path, request.content_type))
+        raw = (await request.read()).decode()
+        if request.content_type == "application/json":
+            model = json.loads(raw or "{}").get("model")
+        else:
+            model = (parse_qs(raw).get("model") or [None])[0]
+        seen.append((request.path, request.content_type, model))
         return await handler(request)
 
     return record
+
+
+def form_expected(model: str | None) -> bool:
+    """Which shape the installed official plugin sends to a non-bitHuman host."""
+    if not hasattr(official.AvatarSession, "_send_formdata_request"):
+        return False
+    if hasattr(official.AvatarSession, "_is_expression_model"):  # 1.8: every expression*
+        return (model or "").startswith("expression")
+    return model == "expression"  # before: only the first-generation name
 
 
 async def wait_for_video_of(room: FakeRoom, identity: str, timeout: float = 10.0) -> None:
@@ -87,7 +114,7 @@ async def test_official_plugin_launches_an_avatar_on_our_service(model, caplog):
 
     harness = Harness()
     manager = WorkerManager(harness.worker, max_workers=2)
-    seen: list[tuple[str, str]] = []
+    seen: list[tuple[str, str, str | None]] = []
     opened: list[tuple[str, str | None]] = []
     plain_open = harness.open
 
@@ -128,15 +155,14 @@ async def test_official_plugin_launches_an_avatar_on_our_service(model, caplog):
             await avatar.aclose()
             await manager.aclose()
             await session.aclose()
-    launch = [kind for path, kind in seen if path == "/v1/runtime-tokens/request"]
+    launch = [(kind, sent) for path, kind, sent in seen if path == "/v1/runtime-tokens/request"]
     assert len(launch) == 1
-    form = hasattr(official.AvatarSession, "_send_formdata_request") and (model or "").startswith(
-        "expression"
-    )
-    assert launch[0] == (
-        "application/x-www-form-urlencoded" if form else "application/json"
+    kind, sent_model = launch[0]
+    assert kind == (
+        "application/x-www-form-urlencoded" if form_expected(model) else "application/json"
     ), "the plugin's own request shape reached the service"
-    assert opened == [("demo", model)]
+    assert sent_model in (model, None)  # plugins before 1.8 do not name the model
+    assert opened == [("demo", sent_model)], "the model asked for reached the loader"
     # the official plugin put its secret (our key) in the avatar's attributes; the token has no
     # grant to remove it, and the service says so rather than leaving it silently
     assert any("api_secret attribute" in r.getMessage() for r in caplog.records)

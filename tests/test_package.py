@@ -55,6 +55,7 @@ PUBLIC = {
     "AgentNotReadyError",
     "InsufficientBalanceError",
     "BitHumanException",
+    "APITimeoutError",
 }
 
 

@@ -231,3 +231,26 @@ async def test_avatar_id_downloads_through_the_hub_then_renders(
             assert open(runtime.model_path, "rb").read() == agent.files["essence-1"]
             assert runtime.model_path.startswith(str(clean_env))
         assert capture.video
+
+
+@pytest.mark.parametrize("first", ["avatar", "agent_session"])
+async def test_closing_mid_reply_never_hangs(first, model_file, fake_bithuman):
+    """A job that ends while the avatar is speaking: both closes return, in either order, and
+    the reply is reported as interrupted (livekit-agents 1.2 used to wait for it forever)."""
+    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(160, 120))
+    room = FakeRoom()
+    session = AgentSession()
+    await avatar.start(session, room=room)
+    await session.start(agent=Agent(instructions="test"))
+    handle = session.say("a long answer", audio=sine_frames(5.0))
+    for _ in range(200):  # until the avatar is actually talking
+        if fake_bithuman.created[0]._replies:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    closes = (avatar.aclose, session.aclose) if first == "avatar" else (session.aclose, avatar.aclose)
+    for close in closes:
+        await asyncio.wait_for(close(), 10)
+    await asyncio.wait_for(handle.wait_for_playout(), 5)
+    assert handle.interrupted
+    assert fake_bithuman.created[0].cleaned_up == 1

@@ -70,7 +70,8 @@ def create_app(manager: WorkerManager, *, key: str) -> web.Application:
                 if auth.lower().startswith("bearer ")
                 else request.headers.get("api-secret", "")
             )
-            if not hmac.compare_digest(given.encode(), expected):
+            # headers may carry bytes that are not UTF-8: compare them as bytes, never crash
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
                 return _error(401, "UNAUTHORIZED", "missing or wrong service key")
         try:
             response: web.StreamResponse = await handler(request)
@@ -86,8 +87,11 @@ def create_app(manager: WorkerManager, *, key: str) -> web.Application:
             )
         except AvatarHubError as err:
             return _error(422, "AVATAR_UNAVAILABLE", str(err))
-        except web.HTTPException:
-            raise
+        except web.HTTPException as err:  # aiohttp's own: too large, no route, wrong method
+            if err.status < 400:
+                raise
+            code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}
+            return _error(err.status, code.get(err.status, "HTTP_ERROR"), err.text or err.reason)
         except Exception as err:  # the worker could not start (LiveKit unreachable, ...)
             logger.error(
                 "request %s %s failed: %s: %s",
@@ -131,7 +135,7 @@ async def list_workers(request: web.Request) -> web.Response:
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise _Invalid("the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise _Invalid("the body must be a JSON object")

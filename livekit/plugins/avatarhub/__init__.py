@@ -11,6 +11,7 @@ from livekit_plugins_avatarhub import (
     APIConnectionError,
     APIError,
     APIStatusError,
+    APITimeoutError,
     AuthenticationError,
     AvatarHubError,
     AvatarNotFoundError,

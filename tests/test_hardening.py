@@ -1,0 +1,374 @@
+"""What an unlucky operator or a hostile server does, and what the user sees then.
+
+Damaged caches, servers that redirect, trickle, expire links or answer in odd shapes, races in
+the avatar service, and bad input: each gets one clear outcome, never a damaged model file, an
+unbounded wait or a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from livekit_plugins_avatarhub import (
+    APITimeoutError,
+    AvatarSession,
+    ConfigurationError,
+    IntegrityError,
+    ModelFileError,
+    ModelHub,
+    NotCachedError,
+    RateLimitedError,
+    RetryPolicy,
+)
+from livekit_plugins_avatarhub.cache import ModelCache
+from livekit_plugins_avatarhub.download import RateRule
+from livekit_plugins_avatarhub.exceptions import APIError, APIStatusError, InvalidAvatarIdError
+from livekit_plugins_avatarhub.hub import safe_filename
+from livekit_plugins_avatarhub.settings import validate_avatar_id
+
+from bithuman_server import SECRET
+
+CODE = "A91XMB7113"
+FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
+
+
+def hub(api, **options) -> ModelHub:
+    return ModelHub(api_secret=SECRET, api_base=api.api_base, retry=FAST, **options)
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "livekit_plugins_avatarhub", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+# --- a model file is never handed out damaged ----------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate", "grow"])
+async def test_a_damaged_cached_model_is_fetched_again_not_served(bithuman_api, damage):
+    agent = bithuman_api.add_agent(CODE)
+    path = await hub(bithuman_api).resolve(CODE)
+    with path.open("r+b") as f:
+        if damage == "truncate":
+            f.truncate(path.stat().st_size // 2)
+        else:
+            f.seek(0, 2)
+            f.write(b"junk")
+    downloads = bithuman_api.downloads()
+    again = await hub(bithuman_api).resolve(CODE)  # inside the freshness window
+    assert again.read_bytes() == agent.files["essence-1"]
+    assert bithuman_api.downloads() == downloads + 1
+
+
+async def test_offline_a_damaged_model_is_a_clear_error(bithuman_api):
+    bithuman_api.add_agent(CODE)
+    path = await hub(bithuman_api).resolve(CODE)
+    with path.open("r+b") as f:
+        f.truncate(10)
+    requests = len(bithuman_api.api_requests)
+    with pytest.raises(NotCachedError, match=f"pull {CODE}"):
+        await hub(bithuman_api, offline=True).resolve(CODE)
+    assert len(bithuman_api.api_requests) == requests  # offline: no request at all
+    listing = cli("ls")
+    assert listing.returncode == 0 and "DAMAGED" in listing.stdout
+
+
+async def test_pull_verify_finds_same_size_corruption(bithuman_env):
+    agent = bithuman_env.add_agent(CODE)
+    assert cli("pull", CODE).returncode == 0
+    path = ModelCache().find(CODE)
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF  # same size, different bytes: only a hash sees it
+    path.write_bytes(bytes(data))
+    assert cli("pull", CODE).returncode == 0 and path.read_bytes() == bytes(data)
+    verified = cli("pull", "--verify", CODE)
+    assert verified.returncode == 0, verified.stderr
+    assert "does not match its sha256" in verified.stderr
+    assert ModelCache().find(CODE).read_bytes() == agent.files["essence-1"]
+
+
+async def test_a_download_whose_completeness_cannot_be_shown_is_not_kept(bithuman_api):
+    bithuman_api.add_agent(CODE, send_sha256=False)
+    bithuman_api.storage_faults = ["truncate_unannounced"]
+    with pytest.raises(IntegrityError, match="neither a sha256 nor a length"):
+        await hub(bithuman_api).resolve(CODE)
+    assert ModelCache().find(CODE) is None
+    assert not [p for p in ModelCache().root.rglob("*") if p.is_file() and p.suffix == ".imx"]
+
+
+def test_long_server_filenames_stay_visible():
+    for name in ("." * 250 + "model", "a" * 300 + ".imx", "..." + "b" * 198 + ".imx"):
+        safe = safe_filename(name, CODE, None)
+        assert not safe.startswith(".") and safe.endswith(".imx") and len(safe) <= 200
+    assert safe_filename("." * 300, CODE, None) == f"{CODE}.imx"
+
+
+async def test_sidecars_with_wrong_types_are_ignored(bithuman_env, clean_env):
+    bithuman_env.add_agent(CODE)
+    path = await hub(bithuman_env).resolve(CODE)
+    meta = ModelCache().meta_dir(CODE) / f"{path.name}.json"
+    meta.write_text(
+        json.dumps(
+            {"size": "big", "sha256": 5, "last_used": "yesterday", "validated_at": [1], "model": 3}
+        )
+    )
+    for args in (("ls",), ("prune", "--max-gb", "5"), ("pull", CODE)):
+        result = cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+# --- network waits are bounded and honest -------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["http://example.com/model.imx", "file:///etc/passwd"])
+async def test_storage_redirects_are_checked_like_the_first_url(bithuman_api, target):
+    bithuman_api.add_agent(CODE)
+    bithuman_api.storage_faults = [f"redirect:{target}"]
+    with pytest.raises(APIError, match="only https is allowed"):
+        await hub(bithuman_api).resolve(CODE)
+    redirects = [r for r in bithuman_api.storage_requests if r[0] == "GET"]
+    assert len(redirects) == 1, "a refused redirect is not retried"
+
+
+async def test_a_trickling_download_fails_instead_of_holding_the_lock(bithuman_api):
+    bithuman_api.add_agent(CODE, size=256 * 1024)
+    bithuman_api.storage_faults = ["trickle"]
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError, match="stalled"):
+        await hub(bithuman_api, rate_rule=RateRule(min_rate=10 * 1024, window=0.5)).resolve(CODE)
+    assert time.monotonic() - started < 10
+    assert ModelCache().find(CODE) is None
+
+
+async def test_a_slow_api_fails_at_its_deadline(bithuman_api):
+    bithuman_api.add_agent(CODE)
+    bithuman_api.api_delay = 2.0
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError, match="AVATARHUB_API_DEADLINE"):
+        await hub(bithuman_api, deadline=0.5).resolve(CODE)
+    assert time.monotonic() - started < 1.9
+
+
+async def test_a_long_retry_after_fails_at_once_saying_when(bithuman_api):
+    bithuman_api.add_agent(CODE)
+    bithuman_api.api_faults = [(429, "RATE_LIMITED", {"Retry-After": "86400"})]
+    started = time.monotonic()
+    with pytest.raises(RateLimitedError, match="retry after 86400s"):
+        await hub(bithuman_api).resolve(CODE)
+    assert time.monotonic() - started < 2
+    assert len(bithuman_api.api_requests) == 1
+
+
+async def test_an_expired_link_is_renewed_once_and_the_download_resumes(bithuman_api):
+    agent = bithuman_api.add_agent(CODE, size=512 * 1024)
+    bithuman_api.storage_faults = ["truncate", "403"]  # cut off, then the link has expired
+    path = await hub(bithuman_api).resolve(CODE)
+    assert path.read_bytes() == agent.files["essence-1"]
+    infos = [r for r in bithuman_api.api_requests if "/model/download" in r[1]]
+    assert len(infos) == 2, "one fresh link was asked for"
+    last = [h for m, p, h in bithuman_api.storage_requests if m == "GET"][-1]
+    assert last.get("range", "").startswith("bytes="), "what was received was kept"
+
+
+async def test_a_link_refused_twice_is_an_error_naming_the_cause(bithuman_api):
+    bithuman_api.add_agent(CODE)
+    bithuman_api.storage_faults = ["403", "403"]
+    with pytest.raises(APIStatusError, match="expired or was refused"):
+        await hub(bithuman_api).resolve(CODE)
+
+
+async def test_an_error_envelope_in_a_200_answer_keeps_the_servers_words(bithuman_api):
+    bithuman_api.add_agent(CODE)
+    bithuman_api.api_faults = [(200, "QUOTA_EXCEEDED", {})]
+    with pytest.raises(APIStatusError, match="QUOTA_EXCEEDED; injected"):
+        await hub(bithuman_api).resolve(CODE)
+
+
+async def test_oversized_api_answers_are_refused(bithuman_api):
+    bithuman_api.add_agent(CODE)
+    bithuman_api.huge_answer = 20 << 20
+    with pytest.raises(APIStatusError, match="larger than 8 MB"):
+        await hub(bithuman_api).resolve(CODE)
+
+
+async def test_no_signed_query_in_any_log_line(bithuman_api, caplog):
+    bithuman_api.add_agent(CODE)
+    caplog.set_level(logging.DEBUG)
+    await hub(bithuman_api).resolve(CODE)
+    assert "HTTP Request" in caplog.text  # httpx did log the requests...
+    assert "s3cr3tsig" not in caplog.text  # ...without the signature
+    assert SECRET not in caplog.text
+
+
+# --- the avatar service: no races, nothing left behind --------------------------------------
+
+
+def flutter_join(room: str) -> dict:
+    from service_harness import room_token
+
+    return {"room_url": "wss://lk", "room_token": room_token(room), "participant_name": "Ava"}
+
+
+async def test_a_leave_while_connecting_takes_the_avatar_out(avatar_service):
+    client, harness, manager = avatar_service
+    harness.sfu.connect_delay = 0.5
+    join = asyncio.create_task(client.post("/v1/agents/demo/join-room", json=flutter_join("r")))
+    await asyncio.sleep(0.2)
+    left = await client.post("/v1/agents/demo/leave-room", json={"room_name": "r"})
+    assert left.status_code == 200
+    await join
+    await asyncio.sleep(0.1)
+    assert manager.get("demo", "r") is None
+    assert not harness.rooms[0].isconnected(), "the worker did not stay in the room"
+    assert harness.runtimes[0]._closed
+
+
+async def test_failed_workers_are_bounded(avatar_service):
+    client, _, _ = avatar_service
+    for i in range(60):
+        await client.post("/v1/agents/B000000000/join-room", json=flutter_join(f"room-{i}"))
+    listed = (await client.get("/v1/workers")).json()["data"]
+    assert 0 < len(listed) <= 50
+    assert listed[-1]["room_name"] == "room-59", "the newest failures are kept"
+
+
+async def test_malformed_requests_get_a_4xx_envelope(avatar_service):
+    client, _, _ = avatar_service
+    r = await client.post(
+        "/v1/agents/demo/join-room",
+        json=flutter_join("r"),
+        headers={"authorization": b"Bearer \xff\xfe\xfa"},
+    )
+    assert r.status_code == 401
+    deep = "[" * 30_000 + "]" * 30_000  # deeper than the JSON parser recurses, under 64 KB
+    r = await client.post(
+        "/v1/agents/demo/join-room", content=deep, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "VALIDATION_ERROR"
+    r = await client.post(
+        "/v1/agents/demo/join-room",
+        content="[" * 100_000,
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "REQUEST_TOO_LARGE"
+    r = await client.post(f"/v1/agents/{CODE}%0A/join-room", json=flutter_join("r"))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+def test_ids_with_a_trailing_newline_are_refused():
+    with pytest.raises(InvalidAvatarIdError):
+        validate_avatar_id(CODE + "\n")
+
+
+def test_sigterm_during_a_join_stops_the_service_within_seconds(tmp_path):
+    """A LiveKit URL that accepts connections and never answers holds a join in connect()."""
+    with socket.socket() as blackhole, socket.socket() as probe:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(8)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        key = "service-key-0123456789"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "livekit_plugins_avatarhub", "serve", "--port", str(port)],
+            env={**os.environ, "AVATARHUB_SERVICE_KEY": key},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            from service_harness import room_token
+
+            body = {
+                "room_url": f"ws://127.0.0.1:{blackhole.getsockname()[1]}",
+                "room_token": room_token("r"),
+            }
+
+            def join() -> None:
+                try:
+                    httpx.post(
+                        f"http://127.0.0.1:{port}/v1/agents/demo/join-room",
+                        json=body,
+                        headers={"authorization": f"Bearer {key}"},
+                        timeout=60,
+                    )
+                except httpx.HTTPError:
+                    pass
+
+            import threading
+
+            thread = threading.Thread(target=join, daemon=True)
+            thread.start()
+            time.sleep(2.0)  # the worker is now inside LiveKit's connect()
+            stopped_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(30)
+            took = time.monotonic() - stopped_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert code == 0
+    print(f"SIGTERM with a join in flight: the service stopped in {took:.2f}s")
+    assert took < 8, f"shutdown took {took:.1f}s"
+
+
+# --- every bad input gets one clear line -------------------------------------------------
+
+
+def test_an_empty_model_file_is_refused_in_the_constructor(tmp_path):
+    empty = tmp_path / "empty.imx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError, match="empty"):
+        AvatarSession(model_path=str(empty), api_secret=SECRET)
+
+
+@pytest.mark.parametrize("size", [(0, 0), (-1, 720), (1280,), (1280.0, 720), "1280x720"])
+def test_a_bad_output_size_is_refused_in_the_constructor(size):
+    with pytest.raises(ConfigurationError, match="output_size"):
+        AvatarSession(avatar_id="demo", output_size=size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("prune", "--max-gb", "nan"), "not a size"),
+        (("prune", "--max-gb", "inf"), "not a size"),
+        (("serve", "--port", "99999"), "not a TCP port"),
+        (("serve", "--host", "256.1.1.1"), "not an IP address"),
+        (("pull", CODE, "--api-base", "http://[::1", "--api-secret", "x"), "not an http(s) URL"),
+    ],
+)
+def test_cli_mistakes_are_one_line(args, words):
+    result = cli(*args, AVATARHUB_SERVICE_KEY="k")
+    assert result.returncode != 0
+    assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_render_into_a_directory_is_one_line(tmp_path: Path):
+    result = cli("render", "demo", "-o", str(tmp_path))
+    assert result.returncode != 0
+    assert "is a directory" in result.stderr and "Traceback" not in result.stderr
