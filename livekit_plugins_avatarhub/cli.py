@@ -249,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     _api_options(p)
     p.set_defaults(func=cmd_agents_generate)
 
+    p = sub.add_parser(
+        "worker",
+        help="run an avatar worker on LiveKit's job dispatch (LiveKit's worker CLI: start, dev)",
+        add_help=False,
+    )
+    p.add_argument("worker_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("gestures", help="the gesture actions an agent can perform")
     p.add_argument("agent_id", help="agent code, or 'demo'")
     _api_options(p)
@@ -268,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds with no one else in the room and no audio before an avatar leaves "
         "(default 300; 0 never)",
+    )
+    p.add_argument(
+        "--dispatch",
+        action="store_true",
+        help="keep no avatars here: dispatch them to avatar workers through LiveKit "
+        "(LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET)",
+    )
+    p.add_argument(
+        "--agent-name",
+        default=None,
+        help="with --dispatch: the avatar workers' agent name (default avatarhub-avatar)",
     )
     p.add_argument("--key", help="the key clients must send (default: AVATARHUB_SERVICE_KEY)")
     p.add_argument(
@@ -448,6 +467,12 @@ def cmd_gestures(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .avatar_jobs import main as worker_main
+
+    return worker_main(list(args.worker_args))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import settings
 
@@ -481,5 +506,7 @@ def _serve(args: argparse.Namespace, serve: Any, key: str, secret: str | None) -
             api_secret=secret,
             max_workers=args.max_workers,
             idle_timeout=args.idle_timeout,
+            dispatch=args.dispatch,
+            agent_name=args.agent_name,
         )
     )

@@ -84,6 +84,19 @@ class FrameConverter:
         return cv2.resize(bgr, (self.width, self.height), interpolation=cv2.INTER_AREA)
 
 
+class FrameStats:
+    """How rendering keeps pace: frames out, frames later than one frame period, current lag.
+
+    Plain counters updated once per frame (read by the metrics, never locked)."""
+
+    __slots__ = ("frames", "lag", "late")
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.late = 0
+        self.lag = 0.0
+
+
 class RuntimeVideoGenerator(VideoGenerator):
     """Drives an ``AvatarRuntime``: audio in, synchronised video and audio frames out.
 
@@ -98,6 +111,7 @@ class RuntimeVideoGenerator(VideoGenerator):
         self._sample_rate = int(runtime.settings.INPUT_SAMPLE_RATE)
         ring = int(self._fps * SYNC_QUEUE_MS / 1000) + RING_SPARE
         self._convert = FrameConverter(width, height, ring)
+        self.stats = FrameStats()
 
     @classmethod
     async def create(cls, runtime: AvatarRuntime) -> RuntimeVideoGenerator:
@@ -140,7 +154,18 @@ class RuntimeVideoGenerator(VideoGenerator):
     async def _stream(
         self,
     ) -> AsyncGenerator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd, None]:
+        stats, period = self.stats, 1.0 / self._fps
+        clock_start, ticks = time.monotonic(), 0
         async for frame in self._runtime.run():
+            # render lag: how far behind the frame clock this frame arrived
+            lag = time.monotonic() - (clock_start + ticks * period)
+            ticks += 1
+            if lag > 1.0 or lag < -period:  # the runtime resynced its clock: follow it
+                clock_start, ticks, lag = time.monotonic() - period, 1, 0.0
+            stats.frames += 1
+            stats.lag = max(0.0, lag)
+            if lag > period:
+                stats.late += 1
             if frame.bgr_image is not None:
                 yield self._convert(frame.bgr_image)
             chunk = frame.audio_chunk

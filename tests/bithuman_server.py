@@ -137,7 +137,10 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up reading (an oversized answer, a timeout): its choice
 
         def _error(
             self,

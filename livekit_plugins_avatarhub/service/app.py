@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
+import time
 from typing import Any
 
 from aiohttp import web
@@ -21,11 +22,13 @@ from aiohttp import web
 from ..exceptions import CLOUD_PLUGIN_HINT, AvatarHubError
 from ..log import logger
 from ..settings import DEMO_AVATAR_ID, is_agent_code, is_cloud_only, is_demo, model_family
-from .manager import CapacityError, WorkerInfo, WorkerManager
+from .manager import AvatarManager, CapacityError, WorkerInfo, WorkerManager
+from .metrics import ServiceMetrics
 from .tokens import token_identity, token_room
 from .worker import DEFAULT_IDLE_TIMEOUT
 
-MANAGER: web.AppKey[WorkerManager] = web.AppKey("manager", WorkerManager)
+MANAGER: web.AppKey[AvatarManager] = web.AppKey("manager")
+METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics", ServiceMetrics)
 BACKGROUND: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("background", set)
 RETRY_AFTER_SECONDS = 30
 _FIELD_LIMIT = 16 * 1024  # bytes of one form field
@@ -56,14 +59,14 @@ def _error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def create_app(manager: WorkerManager, *, key: str) -> web.Application:
+def create_app(manager: AvatarManager, *, key: str) -> web.Application:
     if not key:
         raise ValueError("the service needs a key (AVATARHUB_SERVICE_KEY or --key)")
     expected = key.encode()
 
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path != "/health":
+        if request.path not in ("/health", "/metrics"):
             auth = request.headers.get("authorization", "")
             given = (
                 auth[7:]
@@ -106,8 +109,10 @@ def create_app(manager: WorkerManager, *, key: str) -> web.Application:
 
     app = web.Application(middlewares=[guard], client_max_size=64 * 1024)
     app[MANAGER] = manager
+    app[METRICS] = ServiceMetrics(manager)
     app[BACKGROUND] = set()
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/workers", list_workers)
     app.router.add_post("/v1/agents/{agent_id}/join-room", join_room)
     app.router.add_post("/v1/agents/{agent_id}/leave-room", leave_room)
@@ -122,9 +127,34 @@ def create_app(manager: WorkerManager, *, key: str) -> web.Application:
 
 async def health(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    return web.json_response(
-        {"status": "ok", "workers": manager.active(), "max_workers": manager.max_workers}
+    body: dict[str, Any] = {
+        "status": "ok",
+        "workers": manager.active(),
+        "max_workers": manager.max_workers,
+    }
+    if hasattr(manager, "dispatcher"):
+        body["dispatch"] = True
+    return web.json_response(body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: workers by state, joins, join latency, frames, render lag."""
+    return web.Response(
+        body=request.app[METRICS].text(),
+        headers={"content-type": "text/plain; version=0.0.4; charset=utf-8"},
     )
+
+
+async def _joining(request: web.Request, join: Any) -> tuple[WorkerInfo, bool]:
+    """Await a manager's join, counting it (and how long it took) for /metrics."""
+    started = time.monotonic()
+    try:
+        info, created = await join
+    except Exception:
+        request.app[METRICS].failed()
+        raise
+    request.app[METRICS].joined(created, time.monotonic() - started)
+    return info, created
 
 
 async def list_workers(request: web.Request) -> web.Response:
@@ -199,15 +229,18 @@ async def join_room(request: web.Request) -> web.Response:
             "room_token has no room grant: mint it with VideoGrants(room_join=True, room=...)"
         )
     participant = token_identity(token) or name or f"avatar-{agent_id}"
-    info, created = await request.app[MANAGER].join(
-        agent_id=agent_id,
-        room=room,
-        participant_id=participant,
-        room_url=room_url,
-        token=token,
-        model=_model(body.get("model")),
-        listen_to=listen_to,
-        participant_name=name,
+    info, created = await _joining(
+        request,
+        request.app[MANAGER].join(
+            agent_id=agent_id,
+            room=room,
+            participant_id=participant,
+            room_url=room_url,
+            token=token,
+            model=_model(body.get("model")),
+            listen_to=listen_to,
+            participant_name=name,
+        ),
     )
     return _joined(info, created)
 
@@ -217,9 +250,11 @@ def _joined(info: WorkerInfo, created: bool) -> web.Response:
     body: dict[str, Any] = {
         "success": True,
         "participant_id": info.participant_id,
-        "status": "connected",
+        "status": "dispatched" if info.dispatch_id else "connected",
         "created": created,
     }
+    if info.dispatch_id:
+        body["dispatch_id"] = info.dispatch_id
     if info.participant_name is not None:
         body["participant_name"] = info.participant_name
     if info.warnings:
@@ -261,13 +296,16 @@ async def launch(request: web.Request) -> web.Response:
     room = _text(body, "room_name", limit=256)
     assert token is not None and room is not None
     participant = token_identity(token) or f"avatar-{agent_id}"
-    join = request.app[MANAGER].join(
-        agent_id=agent_id,
-        room=room,
-        participant_id=participant,
-        room_url=room_url,
-        token=token,
-        model=_model(body.get("model")),
+    join = _joining(
+        request,
+        request.app[MANAGER].join(
+            agent_id=agent_id,
+            room=room,
+            participant_id=participant,
+            room_url=room_url,
+            token=token,
+            model=_model(body.get("model")),
+        ),
     )
     if background:  # async_mode=true: answer now; the worker list shows how the start went
         task = asyncio.get_running_loop().create_task(join)
@@ -356,21 +394,32 @@ async def serve(
     api_secret: str | None,
     max_workers: int,
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    dispatch: bool = False,
+    agent_name: str | None = None,
+    log_every: float = 60.0,
 ) -> None:
-    """Run until SIGINT/SIGTERM, then stop every worker."""
+    """Run until SIGINT/SIGTERM, then stop every worker (or, with ``dispatch``, just stop)."""
     import signal
 
-    manager = default_manager(
-        api_secret=api_secret, max_workers=max_workers, idle_timeout=idle_timeout
-    )
+    manager: AvatarManager
+    if dispatch:
+        from ..avatar_jobs import DEFAULT_AGENT_NAME
+        from ..dispatch import AvatarDispatcher
+        from .dispatched import DispatchManager
+
+        manager = DispatchManager(AvatarDispatcher(agent_name=agent_name or DEFAULT_AGENT_NAME))
+        what = f"dispatching to LiveKit agent {manager.dispatcher.agent_name!r}"
+    else:
+        manager = default_manager(
+            api_secret=api_secret, max_workers=max_workers, idle_timeout=idle_timeout
+        )
+        what = f"{max_workers} workers max"
     app = create_app(manager, key=key)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    logger.warning(
-        "avatar service listening on http://%s:%d (%d workers max)", host, port, max_workers
-    )
+    logger.warning("avatar service listening on http://%s:%d (%s)", host, port, what)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -378,7 +427,9 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         except NotImplementedError:  # pragma: no cover - Windows
             pass
+    summary = asyncio.create_task(app[METRICS].log_every(log_every))
     try:
         await stop.wait()
     finally:
+        summary.cancel()
         await runner.cleanup()

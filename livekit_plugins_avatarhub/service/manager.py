@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..log import logger
 from .worker import AvatarWorker
@@ -39,6 +39,7 @@ class WorkerInfo:
     participant_name: str | None = None
     warnings: list[str] = field(default_factory=list)
     worker: AvatarWorker | None = field(default=None, repr=False)
+    dispatch_id: str | None = None  # with ``serve --dispatch``: LiveKit's dispatch
 
     def as_json(self) -> dict[str, Any]:
         status = self.status
@@ -54,6 +55,7 @@ class WorkerInfo:
             "error": self.error,
             "listen_to": self.listen_to,
             "warnings": list(self.warnings),
+            **({"dispatch_id": self.dispatch_id} if self.dispatch_id else {}),
         }
 
 
@@ -65,6 +67,31 @@ class _Start:
     done: asyncio.Future[WorkerInfo]
     task: asyncio.Task[WorkerInfo] | None = None
     cancelled: bool = False
+
+
+class AvatarManager(Protocol):
+    """What the HTTP API needs: in-process workers (``WorkerManager``) or LiveKit's dispatch
+    (``DispatchManager``)."""
+
+    max_workers: int
+
+    def active(self) -> int: ...
+    def workers(self) -> list[WorkerInfo]: ...
+    def get(self, agent_id: str, room: str) -> WorkerInfo | None: ...
+    async def join(
+        self,
+        *,
+        agent_id: str,
+        room: str,
+        participant_id: str,
+        room_url: str,
+        token: str,
+        model: str | None = None,
+        listen_to: str | None = None,
+        participant_name: str | None = None,
+    ) -> tuple[WorkerInfo, bool]: ...
+    async def leave(self, agent_id: str, room: str | None = None) -> list[WorkerInfo]: ...
+    async def aclose(self) -> None: ...
 
 
 class WorkerManager:

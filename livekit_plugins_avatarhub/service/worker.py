@@ -26,7 +26,7 @@ from livekit.agents.voice.avatar import AudioReceiver, AvatarRunner
 
 from livekit import rtc
 
-from ..generator import RuntimeVideoGenerator
+from ..generator import FrameStats, RuntimeVideoGenerator
 from ..loader import OpenedAvatar
 from ..log import logger
 from ..participant import RPC_TRIGGER_DYNAMICS
@@ -44,14 +44,18 @@ RoomFactory = Callable[[], Any]
 
 
 class AvatarWorker:
-    """Lifecycle: ``start()`` (connect, load, publish) … ``stopped`` resolves; ``stop()``."""
+    """Lifecycle: ``start()`` (connect, load, publish) … ``stopped`` resolves; ``stop()``.
+
+    With ``token`` the worker connects ``room_factory()``'s room itself (the avatar service);
+    without, the room comes connected (a LiveKit job's, see ``avatar_jobs``).
+    """
 
     def __init__(
         self,
         *,
         agent_id: str,
-        room_url: str,
-        token: str,
+        room_url: str | None = None,
+        token: str | None = None,
         model: str | None = None,
         listen_to: str | None = None,
         participant_name: str | None = None,
@@ -84,6 +88,10 @@ class AvatarWorker:
         self._closing = False
 
     @property
+    def frame_stats(self) -> FrameStats | None:
+        return self._generator.stats if self._generator is not None else None
+
+    @property
     def runtime(self) -> AvatarRuntime | None:
         return self._opened.runtime if self._opened is not None else None
 
@@ -97,7 +105,8 @@ class AvatarWorker:
             generator = await RuntimeVideoGenerator.create(self._opened.runtime)
             self._generator = generator
             self.room = self._room_factory()
-            await self.room.connect(self._room_url, self._token)
+            if self._token is not None:  # else the room came connected (a LiveKit job's)
+                await self.room.connect(self._room_url, self._token)
             self.room.on("disconnected", self._on_disconnected)
             self.room.on("reconnecting", self._on_reconnecting)
             self.room.on("reconnected", self._on_reconnected)

@@ -1,0 +1,250 @@
+"""Avatars as LiveKit agent jobs: LiveKit's own dispatch places them on machines with room.
+
+``python -m livekit_plugins_avatarhub worker start|dev`` registers an agent worker with the
+LiveKit server under an agent name (default ``avatarhub-avatar``), for explicit dispatch only
+(``AgentDispatchService.CreateDispatch``). The worker reports its load as active avatars over
+capacity, so LiveKit sends no job to a full machine; SIGTERM drains it (LiveKit's drain).
+
+A job's metadata, JSON, says what to render (:class:`AvatarJob`)::
+
+    {"agent_id": "A91XMB7113" | "demo", "model": "expression-2",
+     "participant_identity": "bithuman-avatar-agent", "participant_name": "BitHuman Agent",
+     "publish_on_behalf": "<the agent it renders for>",   # its speech comes as DataStream audio
+     "listen_to": "<a participant>"}                      # or: follow that microphone
+
+The job joins with LiveKit's own token (identity, name and ``lk.publish_on_behalf`` set when the
+job is accepted), answers ``trigger_dynamics``, and leaves when the room empties or is left.
+Malformed metadata or an unknown avatar fails that job, never the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import ConfigurationError
+from .log import logger
+from .settings import is_agent_code, is_demo, model_family
+
+if TYPE_CHECKING:
+    from livekit.agents import JobContext, JobProcess, JobRequest
+
+    from .loader import OpenedAvatar
+
+DEFAULT_AGENT_NAME = "avatarhub-avatar"
+DEFAULT_IDENTITY = "bithuman-avatar-agent"  # where LiveKit's bithuman plugin sends speech
+_TEXT_LIMIT = 256
+_BYTES_PER_AVATAR = 4 << 30  # a bitHuman avatar takes 4-8 GB of memory
+
+
+@dataclass(frozen=True)
+class AvatarJob:
+    """What one dispatched avatar renders, for whom, and as whom."""
+
+    agent_id: str
+    model: str | None = None
+    participant_identity: str = DEFAULT_IDENTITY
+    participant_name: str | None = None
+    publish_on_behalf: str | None = None
+    listen_to: str | None = None
+
+    @classmethod
+    def parse(cls, metadata: str | None) -> AvatarJob:
+        """The job's metadata, checked; every problem is one ConfigurationError naming it."""
+        try:
+            raw = json.loads(metadata or "")
+        except (ValueError, RecursionError):
+            raise ConfigurationError(
+                "the avatar job's metadata is not JSON; dispatch it with "
+                '{"agent_id": "<agent code or demo>", ...}'
+            ) from None
+        if not isinstance(raw, dict):
+            raise ConfigurationError("the avatar job's metadata must be a JSON object")
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown fields in the avatar job: {', '.join(sorted(unknown))}"
+            )
+        agent_id = raw.get("agent_id")
+        if not (is_demo(agent_id) or is_agent_code(agent_id)):
+            raise ConfigurationError(
+                f"agent_id {agent_id!r} in the avatar job is not a bitHuman agent code "
+                "(e.g. A91XMB7113) or 'demo'"
+            )
+        fields: dict[str, Any] = {"agent_id": agent_id}
+        for name in cls.__dataclass_fields__:
+            if name == "agent_id" or raw.get(name) is None:
+                continue
+            value = raw[name]
+            if not isinstance(value, str) or not value.strip() or len(value) > _TEXT_LIMIT:
+                raise ConfigurationError(
+                    f"{name} in the avatar job must be a non-empty string of at most "
+                    f"{_TEXT_LIMIT} characters"
+                )
+            fields[name] = value
+        if fields.get("model"):
+            from .settings import is_cloud_only
+
+            if not is_cloud_only(fields["model"]):
+                model_family(fields["model"])  # unknown names are refused here
+        if fields.get("publish_on_behalf") and fields.get("listen_to"):
+            raise ConfigurationError(
+                "an avatar job takes its audio from one place: publish_on_behalf (an agent's "
+                "speech) or listen_to (a microphone), not both"
+            )
+        return cls(**fields)
+
+    def to_metadata(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
+
+    def participant_attributes(self) -> dict[str, str]:
+        if not self.publish_on_behalf:
+            return {}
+        from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+
+        return {ATTRIBUTE_PUBLISH_ON_BEHALF: self.publish_on_behalf}
+
+
+# -- the worker's side: accept, load, run ---------------------------------------------------
+
+
+async def accept_job(request: JobRequest) -> None:
+    """Accept as the participant the metadata asks for. A job with bad metadata is accepted
+    too, and fails in its entrypoint with the reason: rejecting it would only send it on to the
+    next worker, which would refuse it as well."""
+    try:
+        job = AvatarJob.parse(request.job.metadata)
+    except ConfigurationError as err:
+        logger.warning("avatar job %s: %s", request.job.id, err)
+        await request.accept(identity=f"avatarhub-invalid-{request.job.id}")
+        return
+    await request.accept(
+        identity=job.participant_identity,
+        name=job.participant_name or "",
+        attributes=job.participant_attributes(),
+    )
+
+
+async def join_room(ctx: JobContext) -> Any:
+    """The job's room, connected (only the audio the avatar needs is subscribed)."""
+    from livekit.agents import AutoSubscribe
+
+    await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
+    return ctx.room
+
+
+async def run_job(ctx: JobContext) -> None:
+    """The entrypoint of every avatar job."""
+    job = AvatarJob.parse(ctx.job.metadata)  # before joining: a bad job never enters the room
+    from .service.worker import AvatarWorker
+
+    room = await join_room(ctx)
+    worker = AvatarWorker(
+        agent_id=job.agent_id,
+        model=job.model,
+        listen_to=job.listen_to,
+        opener=_process_opener(ctx.proc.userdata),
+        room_factory=lambda: room,
+    )
+    await worker.start()
+    logger.info("avatar %s is rendering in room %s", job.agent_id, getattr(room, "name", "?"))
+    await worker.stopped
+    if worker.error:
+        raise RuntimeError(f"avatar {job.agent_id} stopped: {worker.error}")
+    ctx.shutdown(reason="the avatar left the room")
+
+
+def _process_opener(userdata: dict[str, Any]) -> Any:
+    """Load avatars once per process and reuse them for the next job there (new transaction id
+    and token each time, as ``AvatarSession(runtime=...)`` does)."""
+    from .loader import OpenedAvatar, open_avatar
+    from .runtime import renew_for_job
+
+    cache: dict[tuple[str, str | None], OpenedAvatar] = userdata.setdefault("avatarhub", {})
+
+    class _Reused(OpenedAvatar):
+        async def aclose(self) -> None:  # stays loaded for the next job of this process
+            self.runtime.interrupt()
+
+    async def opener(agent_id: str, model: str | None) -> OpenedAvatar:
+        held = cache.get((agent_id, model))
+        if held is not None:
+            await renew_for_job(held.runtime)
+            return _Reused(held.runtime, held.model_file)
+        opened = await open_avatar(agent_id, model=model)
+        cache[(agent_id, model)] = opened
+        return _Reused(opened.runtime, opened.model_file)
+
+    return opener
+
+
+def prewarm(proc: JobProcess) -> None:
+    """Fetch the avatars named in ``AVATARHUB_PREFETCH`` before any job arrives."""
+    codes = [c for c in os.environ.get("AVATARHUB_PREFETCH", "").replace(",", " ").split() if c]
+    codes = [c for c in codes if not is_demo(c)]
+    if codes:
+        from .hub import prefetch
+
+        proc.userdata["prefetched"] = prefetch(*codes)
+
+
+def default_capacity() -> int:
+    """Avatars one machine holds: one per CPU, and one per 4 GB of available memory."""
+    cpus = os.cpu_count() or 1
+    try:
+        import psutil
+
+        memory = int(psutil.virtual_memory().available // _BYTES_PER_AVATAR)
+    except Exception:  # psutil comes with livekit-agents; be safe where it does not
+        memory = cpus
+    return max(1, min(cpus, memory))
+
+
+def worker_options(
+    *, agent_name: str = DEFAULT_AGENT_NAME, max_avatars: int | None = None, **options: Any
+) -> Any:
+    """LiveKit ``WorkerOptions`` for an avatar worker: explicit dispatch under ``agent_name``,
+    load = active avatars / ``max_avatars`` (full at capacity)."""
+    from livekit.agents import WorkerOptions
+
+    capacity = max_avatars or default_capacity()
+    if capacity < 1:
+        raise ConfigurationError("max_avatars must be at least 1")
+
+    def load(worker: Any) -> float:
+        return min(1.0, len(worker.active_jobs) / capacity)
+
+    return WorkerOptions(
+        entrypoint_fnc=run_job,
+        request_fnc=accept_job,
+        prewarm_fnc=prewarm,
+        agent_name=agent_name,
+        load_fnc=load,
+        # full with `capacity` jobs, available below (LiveKit wants a threshold under 1)
+        load_threshold=(capacity - 0.5) / capacity,
+        **options,
+    )
+
+
+def main(argv: list[str]) -> int:
+    """``worker [--agent-name NAME] [--max-avatars N] start|dev|...``: LiveKit's worker CLI."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m livekit_plugins_avatarhub worker", add_help=False
+    )
+    parser.add_argument("--agent-name", default=DEFAULT_AGENT_NAME)
+    parser.add_argument("--max-avatars", type=int, default=None)
+    ours, rest = parser.parse_known_args(argv)
+    if ours.max_avatars is not None and ours.max_avatars < 1:
+        print("error: --max-avatars must be at least 1", file=sys.stderr)
+        return 2
+    from livekit.agents import cli
+
+    options = worker_options(agent_name=ours.agent_name, max_avatars=ours.max_avatars)
+    sys.argv = [parser.prog, *rest]  # LiveKit's CLI: start | dev | connect ..., --url, ...
+    cli.run_app(options)
+    return 0
