@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from livekit.agents.voice.avatar import QueueAudioOutput
@@ -194,3 +195,20 @@ async def maybe_await(value: Any) -> Any:
     if asyncio.iscoroutine(value):
         return await value
     return value
+
+
+def agent_worker(options: Any) -> tuple[Any, Callable[[], Awaitable[None]]]:
+    """LiveKit's worker for ``options`` and its coroutine to run it registered, in dev mode.
+
+    ``AgentServer.from_server_options`` replaced ``Worker(options)`` (livekit-agents 1.3); both
+    speak the same protocol to the server.
+    """
+    try:
+        from livekit.agents import AgentServer
+    except ImportError:  # before 1.3
+        from livekit.agents import Worker
+
+        worker = Worker(options, devmode=True)
+        return worker, worker.run
+    server = AgentServer.from_server_options(options)
+    return server, lambda: server.run(devmode=True)

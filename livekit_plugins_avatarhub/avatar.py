@@ -57,6 +57,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
     * ``output_size``: the rendered resolution, ``(width, height)``.
     * ``mode="participant"`` with ``service_url`` / ``service_key``: render in the avatar
       service instead, as a separate participant (like bitHuman's cloud).
+    * ``mode="dispatch"``: dispatch an avatar worker into the room through LiveKit (the
+      agent's LiveKit credentials; workers run ``python -m livekit_plugins_avatarhub worker``).
     """
 
     def __init__(
@@ -76,13 +78,13 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         resolver: NotGivenOr[AvatarResolver] = NOT_GIVEN,
         video_options: VideoPublishOptions | None = None,
         output_size: NotGivenOr[tuple[int, int]] = NOT_GIVEN,
-        mode: Literal["local", "participant"] = "local",
+        mode: Literal["local", "participant", "dispatch"] = "local",
         service_url: NotGivenOr[str] = NOT_GIVEN,
         service_key: NotGivenOr[str] = NOT_GIVEN,
     ) -> None:
         super().__init__()
-        if mode not in ("local", "participant"):
-            raise ConfigurationError("mode must be 'local' or 'participant'")
+        if mode not in ("local", "participant", "dispatch"):
+            raise ConfigurationError("mode must be 'local', 'participant' or 'dispatch'")
         self._mode = mode
         if utils.is_given(avatar_image) and avatar_image is not None:
             raise CloudOnlyError(
@@ -109,6 +111,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         self._service: ServiceAvatar | None = None
         if mode == "participant":
             self._service = self._service_avatar(service_url, service_key, given_runtime)
+        elif mode == "dispatch":
+            self._service = self._dispatched_avatar(given_runtime)
         elif given_runtime is None and not is_demo(self._avatar_id):
             self._require_secret()
 
@@ -119,6 +123,23 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         self._audio_sink: Any = None
         self._started = False
         self._closed = False
+
+    def _dispatched_avatar(self, runtime: AvatarRuntime | None) -> ServiceAvatar:
+        from .participant import DispatchedAvatar
+
+        if self._model_path or runtime is not None or not self._avatar_id:
+            raise ConfigurationError(
+                "mode='dispatch' renders on an avatar worker: pass avatar_id=, not model_path= "
+                "or runtime="
+            )
+        return DispatchedAvatar(
+            agent_id=self._avatar_id,
+            model=self._model,
+            identity=self._participant_identity,
+            name=self._participant_name,
+            agent_name=settings.avatar_agent_name(),
+            join_timeout=max(self._conn_options.timeout, 60.0),
+        )
 
     def _service_avatar(
         self, url: NotGivenOr[str], key: NotGivenOr[str], runtime: AvatarRuntime | None

@@ -19,6 +19,7 @@ Malformed metadata or an unknown avatar fails that job, never the worker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -34,10 +35,11 @@ if TYPE_CHECKING:
 
     from .loader import OpenedAvatar
 
-DEFAULT_AGENT_NAME = "avatarhub-avatar"
+DEFAULT_AGENT_NAME = "avatarhub-avatar"  # settings.avatar_agent_name() reads the override
 DEFAULT_IDENTITY = "bithuman-avatar-agent"  # where LiveKit's bithuman plugin sends speech
 _TEXT_LIMIT = 256
 _BYTES_PER_AVATAR = 4 << 30  # a bitHuman avatar takes 4-8 GB of memory
+_REPORT_EVERY = 60.0
 
 
 @dataclass(frozen=True)
@@ -151,10 +153,29 @@ async def run_job(ctx: JobContext) -> None:
     )
     await worker.start()
     logger.info("avatar %s is rendering in room %s", job.agent_id, getattr(room, "name", "?"))
-    await worker.stopped
+    report = asyncio.create_task(_report(worker, job.agent_id, _REPORT_EVERY))
+    try:
+        await worker.stopped
+    finally:
+        report.cancel()
     if worker.error:
         raise RuntimeError(f"avatar {job.agent_id} stopped: {worker.error}")
     ctx.shutdown(reason="the avatar left the room")
+
+
+async def _report(worker: Any, agent_id: str, every: float) -> None:
+    """The job's avatar metrics in a log line (frames, late frames, render lag)."""
+    while True:
+        await asyncio.sleep(every)
+        stats = worker.frame_stats
+        if stats is not None:
+            logger.info(
+                "avatar %s: %d frames published, %d late, render lag %.0f ms",
+                agent_id,
+                stats.frames,
+                stats.late,
+                stats.lag * 1000,
+            )
 
 
 def _process_opener(userdata: dict[str, Any]) -> Any:
@@ -230,7 +251,8 @@ def worker_options(
 
 
 def main(argv: list[str]) -> int:
-    """``worker [--agent-name NAME] [--max-avatars N] start|dev|...``: LiveKit's worker CLI."""
+    """``worker [--agent-name NAME] [--max-avatars N] [--prometheus-port P] start|dev|...``:
+    LiveKit's worker CLI, with LiveKit's own Prometheus metrics where it has them."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -238,13 +260,20 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--agent-name", default=DEFAULT_AGENT_NAME)
     parser.add_argument("--max-avatars", type=int, default=None)
+    parser.add_argument("--prometheus-port", type=int, default=None)
     ours, rest = parser.parse_known_args(argv)
     if ours.max_avatars is not None and ours.max_avatars < 1:
         print("error: --max-avatars must be at least 1", file=sys.stderr)
         return 2
-    from livekit.agents import cli
+    from livekit.agents import WorkerOptions, cli
 
-    options = worker_options(agent_name=ours.agent_name, max_avatars=ours.max_avatars)
-    sys.argv = [parser.prog, *rest]  # LiveKit's CLI: start | dev | connect ..., --url, ...
+    extra: dict[str, Any] = {}
+    if ours.prometheus_port is not None:
+        if "prometheus_port" not in getattr(WorkerOptions, "__dataclass_fields__", {}):
+            print("error: this livekit-agents has no Prometheus option", file=sys.stderr)
+            return 2
+        extra["prometheus_port"] = ours.prometheus_port
+    options = worker_options(agent_name=ours.agent_name, max_avatars=ours.max_avatars, **extra)
+    sys.argv = ["worker", *rest]  # LiveKit's CLI: start | dev | connect ..., --url, ...
     cli.run_app(options)
     return 0

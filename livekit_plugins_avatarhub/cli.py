@@ -249,13 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     _api_options(p)
     p.set_defaults(func=cmd_agents_generate)
 
-    p = sub.add_parser(
+    sub.add_parser(  # handled in main(): LiveKit's worker CLI takes the arguments
         "worker",
-        help="run an avatar worker on LiveKit's job dispatch (LiveKit's worker CLI: start, dev)",
-        add_help=False,
+        help="run an avatar worker on LiveKit's job dispatch: worker [--agent-name N] "
+        "[--max-avatars N] start|dev (LiveKit's worker CLI)",
     )
-    p.add_argument("worker_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("gestures", help="the gesture actions an agent can perform")
     p.add_argument("agent_id", help="agent code, or 'demo'")
@@ -298,8 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["worker"]:  # LiveKit's own worker CLI parses the rest
+        from .avatar_jobs import main as worker_main
+
+        return worker_main(given[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
     import logging
 
     logging.basicConfig(
@@ -465,12 +468,6 @@ def cmd_gestures(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from .avatar_jobs import main as worker_main
-
-    return worker_main(list(args.worker_args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

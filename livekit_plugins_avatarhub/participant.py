@@ -32,7 +32,10 @@ RPC_TRIGGER_DYNAMICS = "trigger_dynamics"
 
 
 class ServiceAvatar:
-    """The participant-mode half of ``AvatarSession``: launch, route speech, leave."""
+    """The participant-mode half of ``AvatarSession``: launch, route speech, leave.
+
+    (:class:`DispatchedAvatar` is the same with LiveKit's dispatch in place of the service.)
+    """
 
     def __init__(
         self,
@@ -115,7 +118,7 @@ class ServiceAvatar:
 
     def route_speech(self, agent_session: AgentSession[Any], room: rtc.Room) -> None:
         route_audio_to(agent_session, room, self.identity)
-        logger.info("avatar %s launched in the avatar service as %s", self.agent_id, self.identity)
+        logger.info("avatar %s renders remotely as %s", self.agent_id, self.identity)
 
     async def aclose(self) -> None:
         if self._room_name is not None:
@@ -125,6 +128,103 @@ class ServiceAvatar:
                 agent_id=self.agent_id,
                 room_name=self._room_name,
             )
+
+
+class DispatchedAvatar(ServiceAvatar):
+    """``mode="dispatch"``: the agent dispatches an avatar worker into its own room with its
+    LiveKit credentials (no service in between), waits for it, and speaks to it."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        model: str | None,
+        identity: str,
+        name: str,
+        agent_name: str,
+        join_timeout: float,
+    ) -> None:
+        super().__init__(
+            service_url="",
+            service_key=None,
+            agent_id=agent_id,
+            model=model,
+            identity=identity,
+            name=name,
+            retry=RetryPolicy(),
+        )
+        self.agent_name, self.join_timeout = agent_name, join_timeout
+        self._dispatcher: Any = None
+
+    async def start(
+        self,
+        room: rtc.Room,
+        *,
+        livekit_url: str | None,
+        livekit_api_key: str | None,
+        livekit_api_secret: str | None,
+    ) -> None:
+        import asyncio
+
+        from .avatar_jobs import AvatarJob
+        from .dispatch import AvatarDispatcher
+
+        self._dispatcher = AvatarDispatcher(
+            url=livekit_url,
+            api_key=livekit_api_key,
+            api_secret=livekit_api_secret,
+            agent_name=self.agent_name,
+        )
+        job = AvatarJob(
+            agent_id=self.agent_id,
+            model=self.model,
+            participant_identity=self.identity,
+            participant_name=self.name,
+            publish_on_behalf=room.local_participant.identity,
+        )
+        await self._dispatcher.ensure(room.name, job)
+        self._room, self._room_name = room, room.name
+        try:
+            await asyncio.wait_for(_avatar_joined(room, self.identity), self.join_timeout)
+        except asyncio.TimeoutError:
+            await self.aclose()
+            raise AvatarHubError(
+                f"no avatar worker took the avatar {self.agent_id} within "
+                f"{self.join_timeout:.0f}s; is `python -m livekit_plugins_avatarhub worker "
+                f"start` running with agent name {self.agent_name!r}, with room for another?"
+            ) from None
+
+    async def aclose(self) -> None:
+        if self._dispatcher is None:
+            return
+        dispatcher, self._dispatcher = self._dispatcher, None
+        try:
+            if self._room_name is not None:
+                await dispatcher.remove(self._room_name, self.agent_id)
+        except Exception as err:  # the job ends with the room anyway
+            logger.debug("removing the avatar dispatch failed: %s", err)
+        finally:
+            await dispatcher.aclose()
+
+
+async def _avatar_joined(room: rtc.Room, identity: str) -> None:
+    """Until ``identity`` is in the room (the avatar worker publishing on our behalf)."""
+    import asyncio
+
+    if identity in room.remote_participants:
+        return
+    joined = asyncio.Event()
+
+    def on_connected(participant: Any) -> None:
+        if participant.identity == identity:
+            joined.set()
+
+    room.on("participant_connected", on_connected)
+    try:
+        if identity not in room.remote_participants:  # it may have joined meanwhile
+            await joined.wait()
+    finally:
+        room.off("participant_connected", on_connected)
 
 
 def avatar_token(

@@ -75,6 +75,11 @@ def avatar_from_env() -> tuple[str | None, str | None]:
 # -- the avatar service and LiveKit --------------------------------------------------------------
 
 
+def avatar_agent_name(value: Any = None) -> str:
+    """The avatar workers' LiveKit agent name (``AVATARHUB_AGENT_NAME``, avatarhub-avatar)."""
+    return env_or(value, "AVATARHUB_AGENT_NAME") or "avatarhub-avatar"
+
+
 def service_url(value: Any = None) -> str | None:
     return env_or(value, "AVATARHUB_SERVICE_URL")
 

@@ -1,0 +1,327 @@
+"""Past one machine: avatars on LiveKit's own job dispatch.
+
+The LiveKit side is a loopback stand-in speaking LiveKit's real protocols (``livekit_server``):
+``livekit-api`` drives its Twirp AgentDispatchService, and ``livekit-agents``' own worker
+registers on its agent WebSocket, reports load, accepts the job and starts ours. The job's room
+is the duck-typed room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from livekit import rtc
+
+pytest.importorskip("aiohttp")
+
+from livekit import api as lkapi
+from livekit_plugins_avatarhub import avatar_jobs
+from livekit_plugins_avatarhub._compat import agent_worker
+from livekit_plugins_avatarhub.avatar_jobs import AvatarJob, worker_options
+from livekit_plugins_avatarhub.dispatch import AvatarDispatcher
+from livekit_plugins_avatarhub.exceptions import ConfigurationError
+from livekit_plugins_avatarhub.service.dispatched import DispatchManager
+
+from fakes import FakeRoom
+from livekit_server import FakeLiveKitServer
+from service_harness import LK_KEY, LK_SECRET, room_token, serve
+
+
+@pytest.fixture
+async def livekit_server(monkeypatch):
+    server = await FakeLiveKitServer(LK_KEY, LK_SECRET).start()
+    monkeypatch.setenv("LIVEKIT_URL", server.url.replace("http", "ws"))
+    monkeypatch.setenv("LIVEKIT_API_KEY", LK_KEY)
+    monkeypatch.setenv("LIVEKIT_API_SECRET", LK_SECRET)
+    yield server
+    await server.stop()
+
+
+async def until(condition, timeout: float = 15.0, what: str = "") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        await asyncio.sleep(0.05)
+
+
+# --- the job's metadata ---------------------------------------------------------------------
+
+
+def test_job_metadata_round_trips_and_bad_metadata_says_why():
+    job = AvatarJob("A91XMB7113", model="expression", participant_name="BitHuman Agent")
+    assert AvatarJob.parse(job.to_metadata()) == job
+    for metadata, words in [
+        ("", "not JSON"),
+        ("[1]", "JSON object"),
+        ('{"agent_id": "nope"}', "not a bitHuman agent code"),
+        ('{"agent_id": "demo", "model": "essense"}', "unknown model"),
+        ('{"agent_id": "demo", "colour": "red"}', "unknown fields"),
+        ('{"agent_id": "demo", "listen_to": "u", "publish_on_behalf": "a"}', "not both"),
+        ('{"agent_id": "demo", "participant_name": 7}', "participant_name"),
+    ]:
+        with pytest.raises(ConfigurationError, match=words):
+            AvatarJob.parse(metadata)
+
+
+# --- the Twirp AgentDispatchService through livekit-api -----------------------------------
+
+
+async def test_dispatcher_keeps_one_avatar_per_agent_and_room(livekit_server):
+    one, other = AvatarDispatcher(), AvatarDispatcher()  # two replicas of a service
+    try:
+        job = AvatarJob("demo", participant_identity="avatar-1")
+        first = await one.ensure("room-a", job)
+        again = await other.ensure("room-a", job)
+        assert first[1] is True and again == (first[0], False)
+        assert len(livekit_server.dispatches["room-a"]) == 1
+        stored = livekit_server.dispatches["room-a"][0]
+        assert stored.agent_name == "avatarhub-avatar"
+        assert AvatarJob.parse(stored.metadata) == job
+        assert (await one.ensure("room-a", AvatarJob("A91XMB7113")))[1] is True  # another avatar
+        removed = await other.remove("room-a", "demo")
+        assert [j.participant_identity for j in removed] == ["avatar-1"]
+        assert [
+            AvatarJob.parse(d.metadata).agent_id for d in livekit_server.dispatches["room-a"]
+        ] == ["A91XMB7113"]
+        assert "AgentDispatchService/DeleteDispatch" in livekit_server.twirp_calls
+    finally:
+        await one.aclose()
+        await other.aclose()
+
+
+async def test_dispatcher_with_wrong_credentials_gets_livekits_error(livekit_server):
+    dispatcher = AvatarDispatcher(api_secret="not-the-secret-not-the-secret-00")
+    try:
+        with pytest.raises(lkapi.TwirpError) as info:
+            await dispatcher.ensure("room-a", AvatarJob("demo"))
+        assert info.value.code == "unauthenticated"
+    finally:
+        await dispatcher.aclose()
+
+
+# --- serve --dispatch: a stateless front -----------------------------------------------------
+
+
+async def test_serve_dispatch_turns_requests_into_dispatches(livekit_server):
+    replicas = [DispatchManager(AvatarDispatcher()) for _ in range(2)]
+    async with serve(replicas[0]) as a, serve(replicas[1]) as b:
+        flutter = {
+            "room_url": "wss://lk",
+            "room_token": room_token("room-f", "avatar-flutter"),
+            "participant_name": "BitHuman Agent",
+            "listen_to": "user-7",
+        }
+        first = await a.post("/v1/agents/demo/join-room", json=flutter)
+        second = await b.post("/v1/agents/demo/join-room", json=flutter)  # another replica
+        assert first.status_code == second.status_code == 200
+        assert first.json()["status"] == "dispatched" and first.json()["created"] is True
+        assert second.json()["created"] is False
+        assert second.json()["dispatch_id"] == first.json()["dispatch_id"]
+        (dispatch,) = livekit_server.dispatches["room-f"]
+        assert json.loads(dispatch.metadata) == {
+            "agent_id": "demo",
+            "participant_identity": "avatar-flutter",
+            "participant_name": "BitHuman Agent",
+            "listen_to": "user-7",
+        }
+        # the official plugin's launch: the avatar publishes on behalf of the agent
+        launch = await b.post(
+            "/v1/runtime-tokens/request",
+            json={
+                "agent_id": "A91XMB7113",
+                "model": "expression",
+                "livekit_url": "wss://lk",
+                "livekit_token": room_token(
+                    "room-l", "bithuman-avatar-agent", **{"lk.publish_on_behalf": "agent-9"}
+                ),
+                "room_name": "room-l",
+            },
+        )
+        assert launch.status_code == 200, launch.text
+        meta = json.loads(livekit_server.dispatches["room-l"][0].metadata)
+        assert meta["publish_on_behalf"] == "agent-9" and meta["model"] == "expression"
+        assert meta["participant_identity"] == "bithuman-avatar-agent"
+        left = await a.post("/v1/agents/demo/leave-room", json={"room_name": "room-f"})
+        assert left.status_code == 200 and livekit_server.dispatches["room-f"] == []
+        assert (await a.get("/health")).json()["dispatch"] is True
+        metrics = (await a.get("/metrics", headers={"authorization": ""})).text
+        assert 'avatarhub_joins_total{result="created"} 1.0' in metrics
+
+
+# --- the avatar worker: the real livekit-agents worker against the stand-in -----------------
+
+
+@pytest.fixture
+def job_rooms(monkeypatch):
+    """Each job's room: a duck-typed room with the agent it serves already in it."""
+    rooms: list[FakeRoom] = []
+
+    async def join_room(ctx):
+        room = FakeRoom(ctx.job.room.name)
+        room.local_participant.identity = "bithuman-avatar-agent"
+        room.join("agent-9")
+        rooms.append(room)
+        return room
+
+    monkeypatch.setattr(avatar_jobs, "join_room", join_room)
+    return rooms
+
+
+async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
+    livekit_server, job_rooms, caplog, bithuman_env
+):
+    import logging
+
+    from livekit.agents import JobExecutorType
+
+    caplog.set_level(logging.INFO)
+    options = worker_options(
+        max_avatars=2,
+        ws_url=livekit_server.url.replace("http", "ws"),
+        api_key=LK_KEY,
+        api_secret=LK_SECRET,
+        job_executor_type=JobExecutorType.THREAD,
+    )
+    worker, run = agent_worker(options)
+    running = asyncio.create_task(run())
+    dispatcher = AvatarDispatcher()
+    try:
+        await until(lambda: livekit_server.workers, what="the worker to register")
+        assert livekit_server.workers[0].agent_name == "avatarhub-avatar"
+        job = AvatarJob(
+            "demo",
+            participant_identity="bithuman-avatar-agent",
+            participant_name="BitHuman Agent",
+            publish_on_behalf="agent-9",
+        )
+        await dispatcher.ensure("room-w", job)
+        await until(lambda: livekit_server.assigned, what="the job to be assigned")
+        # accepted as the participant the metadata asks for
+        worker_id, answer = livekit_server.offers[0]
+        assert answer.available and answer.participant_identity == "bithuman-avatar-agent"
+        assert answer.participant_name == "BitHuman Agent"
+        assert answer.participant_attributes["lk.publish_on_behalf"] == "agent-9"
+        # our job runs: the avatar publishes video into its room
+        await until(lambda: job_rooms, what="the job to start")
+        await job_rooms[0].wait_published(rtc.TrackKind.KIND_VIDEO)
+        # load = active avatars / capacity, reported to LiveKit
+        await until(lambda: 0.5 in livekit_server.workers[0].loads, what="load 1/2")
+
+        # a malformed job fails alone; the worker stays healthy and takes the next one
+        bad = lkapi.CreateAgentDispatchRequest(
+            agent_name="avatarhub-avatar", room="room-bad", metadata='{"agent_id": "nope"}'
+        )
+        await dispatcher._client().agent_dispatch.create_dispatch(bad)
+        await until(lambda: len(livekit_server.assigned) == 2, what="the bad job's assignment")
+        # so does an avatar bitHuman does not know (its job joins, then fails loading it)
+        await dispatcher.ensure("room-u", AvatarJob("B000000000", publish_on_behalf="agent-9"))
+        await until(lambda: len(livekit_server.assigned) == 3, what="the unknown avatar's job")
+        await until(
+            lambda: any(
+                "B000000000" in r.getMessage() and "404" in r.getMessage() for r in caplog.records
+            ),
+            what="the unknown avatar's failure",
+        )
+        await dispatcher.ensure("room-x", AvatarJob("demo", publish_on_behalf="agent-9"))
+        await until(lambda: any(r.name == "room-x" for r in job_rooms), what="the next job")
+        await next(r for r in job_rooms if r.name == "room-x").wait_published(
+            rtc.TrackKind.KIND_VIDEO
+        )
+        assert len(livekit_server.workers) == 1, "the worker stayed registered"
+        failure = [r for r in caplog.records if "not a bitHuman agent code" in r.getMessage()]
+        assert failure, "the bad job failed saying why"
+        assert all(r.name != "room-bad" for r in job_rooms), "a bad job never entered a room"
+    finally:
+        await dispatcher.aclose()
+        await worker.aclose()
+        await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 20)
+
+
+# --- AvatarSession(mode="dispatch"): agent code without a service ----------------------------
+
+
+async def test_session_in_dispatch_mode_sends_a_worker_into_its_own_room(livekit_server):
+    from livekit.agents import AgentSession
+    from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+    from livekit_plugins_avatarhub import AvatarSession
+
+    room = FakeRoom("room-agent")  # the agent's own room; its identity is agent-test
+    avatar = AvatarSession(avatar_id="demo", mode="dispatch", model="expression")
+    session = AgentSession()
+    starting = asyncio.create_task(avatar.start(session, room=room))
+    await until(lambda: livekit_server.dispatches.get("room-agent"), what="the dispatch")
+    meta = json.loads(livekit_server.dispatches["room-agent"][0].metadata)
+    assert meta == {
+        "agent_id": "demo",
+        "model": "expression",
+        "participant_identity": "bithuman-avatar-agent",
+        "participant_name": "bithuman-avatar-agent",
+        "publish_on_behalf": "agent-test",
+    }
+    assert not starting.done(), "start() waits for the avatar to join"
+    room.join("bithuman-avatar-agent")  # what the assigned avatar worker does
+    await asyncio.wait_for(starting, 5)
+    try:
+        sink = session.output.audio
+        while sink is not None and not isinstance(sink, DataStreamAudioOutput):
+            sink = getattr(sink, "next_in_chain", None)
+        assert isinstance(sink, DataStreamAudioOutput), "speech goes to the avatar worker"
+        assert avatar.avatar_identity == "bithuman-avatar-agent"
+    finally:
+        await avatar.aclose()
+        await session.aclose()
+    assert livekit_server.dispatches["room-agent"] == [], "aclose took the avatar out"
+
+
+async def test_dispatch_mode_says_when_no_worker_takes_the_avatar(livekit_server, monkeypatch):
+    from livekit.agents import AgentSession, APIConnectOptions
+
+    from livekit_plugins_avatarhub import AvatarHubError, AvatarSession
+    from livekit_plugins_avatarhub.participant import DispatchedAvatar
+
+    avatar = AvatarSession(avatar_id="demo", mode="dispatch", conn_options=APIConnectOptions())
+    assert isinstance(avatar._service, DispatchedAvatar)
+    avatar._service.join_timeout = 0.3
+    with pytest.raises(AvatarHubError, match="worker start"):
+        await avatar.start(AgentSession(), room=FakeRoom("room-none"))
+    assert livekit_server.dispatches["room-none"] == [], "the unanswered dispatch was withdrawn"
+
+
+def test_worker_command_checks_its_own_options():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "livekit_plugins_avatarhub",
+            "worker",
+            "--max-avatars",
+            "0",
+            "start",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--max-avatars must be at least 1" in result.stderr
+
+
+def test_capacity_follows_the_machine():
+    import os
+
+    capacity = avatar_jobs.default_capacity()
+    assert 1 <= capacity <= (os.cpu_count() or 1)
+    options = worker_options(max_avatars=4)
+    assert options.agent_name == "avatarhub-avatar"
+    load = options.load_fnc
+    fake = type("W", (), {"active_jobs": [1, 2, 3]})()
+    assert load(fake) == 0.75 < options.load_threshold  # room for a fourth
+    fake.active_jobs = [1, 2, 3, 4]
+    assert load(fake) == 1.0 >= options.load_threshold  # full: LiveKit sends no more jobs
