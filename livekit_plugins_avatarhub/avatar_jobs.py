@@ -40,6 +40,7 @@ DEFAULT_IDENTITY = "bithuman-avatar-agent"  # where LiveKit's bithuman plugin se
 _TEXT_LIMIT = 256
 _BYTES_PER_AVATAR = 4 << 30  # a bitHuman avatar takes 4-8 GB of memory
 _REPORT_EVERY = 60.0
+_METRICS_EVERY = 2.0
 
 
 @dataclass(frozen=True)
@@ -163,12 +164,56 @@ async def run_job(ctx: JobContext) -> None:
     ctx.shutdown(reason="the avatar left the room")
 
 
+class _JobMetrics:
+    """This package's avatar metrics in the job's process, for LiveKit's Prometheus endpoint
+    (``--prometheus-port``; job processes write through prometheus multiprocess mode)."""
+
+    _made: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        made = type(self)._made  # one set per process: prometheus refuses a second
+        if not made:
+            made["frames"] = Counter(
+                "avatarhub_job_frames_published", "video frames published by avatar jobs"
+            )
+            made["late"] = Counter(
+                "avatarhub_job_frames_dropped", "frames more than one frame period late"
+            )
+            made["lag"] = Gauge(
+                "avatarhub_job_render_lag_seconds",
+                "render lag of avatar jobs",
+                multiprocess_mode="max",
+            )
+        self.frames, self.late, self.lag = made["frames"], made["late"], made["lag"]
+        self._seen = (0, 0)
+
+    def update(self, stats: Any) -> None:
+        frames, late = stats.frames, stats.late
+        self.frames.inc(frames - self._seen[0])
+        self.late.inc(late - self._seen[1])
+        self.lag.set(stats.lag)
+        self._seen = (frames, late)
+
+
 async def _report(worker: Any, agent_id: str, every: float) -> None:
-    """The job's avatar metrics in a log line (frames, late frames, render lag)."""
+    """The job's avatar metrics to Prometheus every few seconds, and to the log every minute."""
+    try:
+        metrics: _JobMetrics | None = _JobMetrics()
+    except ImportError:  # prometheus-client comes with livekit-agents >= 1.x in most setups
+        metrics = None
+    ticks = 0
     while True:
-        await asyncio.sleep(every)
+        await asyncio.sleep(_METRICS_EVERY)
         stats = worker.frame_stats
-        if stats is not None:
+        if stats is None:
+            continue
+        if metrics is not None:
+            metrics.update(stats)
+        ticks += 1
+        if ticks * _METRICS_EVERY >= every:
+            ticks = 0
             logger.info(
                 "avatar %s: %d frames published, %d late, render lag %.0f ms",
                 agent_id,
@@ -273,6 +318,11 @@ def main(argv: list[str]) -> int:
             print("error: this livekit-agents has no Prometheus option", file=sys.stderr)
             return 2
         extra["prometheus_port"] = ours.prometheus_port
+        if "prometheus_multiproc_dir" in WorkerOptions.__dataclass_fields__:
+            import tempfile
+
+            # job processes write their avatar metrics here; LiveKit's endpoint adds them up
+            extra["prometheus_multiproc_dir"] = tempfile.mkdtemp(prefix="avatarhub-metrics-")
     options = worker_options(agent_name=ours.agent_name, max_avatars=ours.max_avatars, **extra)
     sys.argv = ["worker", *rest]  # LiveKit's CLI: start | dev | connect ..., --url, ...
     cli.run_app(options)

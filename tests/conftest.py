@@ -62,7 +62,6 @@ def bithuman_api() -> Iterator[FakeBithumanService]:
         yield api
 
 
-
 @pytest.fixture
 def bithuman_env(
     bithuman_api: FakeBithumanService, monkeypatch: pytest.MonkeyPatch

@@ -73,9 +73,7 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def serve(
-    manager: WorkerManager, *middlewares: Any
-) -> AsyncIterator[httpx.AsyncClient]:
+async def serve(manager: WorkerManager, *middlewares: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The service's HTTP API for ``manager`` on a free 127.0.0.1 port, and a client with the key."""
     app = create_app(manager, key=KEY)
     app.middlewares.extend(middlewares)

@@ -26,7 +26,9 @@ async def api(bithuman_api):
 
 
 async def test_get_agent(bithuman_api, api):
-    bithuman_api.add_agent("A91XMB7113", model="essence-2", supported_models=["essence-2", "essence-1"])
+    bithuman_api.add_agent(
+        "A91XMB7113", model="essence-2", supported_models=["essence-2", "essence-1"]
+    )
     agent = await api.get_agent("A91XMB7113")
     assert agent["code"] == "A91XMB7113" and agent["supported_models"] == ["essence-2", "essence-1"]
 
@@ -53,7 +55,9 @@ async def test_generate_sends_one_idempotency_key_across_retries(bithuman_api, a
     keys = bithuman_api.idempotency_keys
     assert len(keys) == 1 and keys[0]  # the 503 was injected before the handler ran
     first = [
-        h.get("idempotency-key") for m, p, h in bithuman_api.api_requests if p == "/v1/agent/generate"
+        h.get("idempotency-key")
+        for m, p, h in bithuman_api.api_requests
+        if p == "/v1/agent/generate"
     ]
     assert len(first) == 2 and first[0] == first[1]
     assert len(bithuman_api.generated) == 1

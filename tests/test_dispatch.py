@@ -232,6 +232,12 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
             rtc.TrackKind.KIND_VIDEO
         )
         assert len(livekit_server.workers) == 1, "the worker stayed registered"
+        from prometheus_client import REGISTRY
+
+        await until(
+            lambda: (REGISTRY.get_sample_value("avatarhub_job_frames_published_total") or 0) > 0,
+            what="the jobs' frame counts in Prometheus",
+        )
         failure = [r for r in caplog.records if "not a bitHuman agent code" in r.getMessage()]
         assert failure, "the bad job failed saying why"
         assert all(r.name != "room-bad" for r in job_rooms), "a bad job never entered a room"
@@ -325,3 +331,42 @@ def test_capacity_follows_the_machine():
     assert load(fake) == 0.75 < options.load_threshold  # room for a fourth
     fake.active_jobs = [1, 2, 3, 4]
     assert load(fake) == 1.0 >= options.load_threshold  # full: LiveKit sends no more jobs
+
+
+async def test_worker_command_registers_and_drains_on_sigterm(livekit_server):
+    """`worker start` as a user runs it: registers with LiveKit, and SIGTERM drains it."""
+    import os
+    import signal
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "livekit_plugins_avatarhub",
+        "worker",
+        "--agent-name",
+        "avatars-eu",
+        "--max-avatars",
+        "3",
+        "start",
+        env={**os.environ, "LIVEKIT_URL": livekit_server.url.replace("http", "ws")},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await until(lambda: livekit_server.workers, timeout=60, what="the worker to register")
+        registered = livekit_server.workers[0]
+        assert registered.agent_name == "avatars-eu"
+        await until(lambda: registered.loads, what="a load report")
+        assert registered.loads[-1] == 0.0 and registered.status == 0  # WS_AVAILABLE
+        started = asyncio.get_running_loop().time()
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 60)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert code == 0, (await proc.stderr.read()).decode()[-2000:]
+    assert took < 30
+    assert not livekit_server.workers, "it left LiveKit's worker pool"

@@ -189,7 +189,9 @@ async def test_photo_launches_get_a_clear_refusal(avatar_service):
     for r in answers:
         assert r.status_code == 422, r.text
         error = r.json()["error"]
-        assert error["code"] == "CLOUD_ONLY" and "livekit.plugins import bithuman" in error["message"]
+        assert (
+            error["code"] == "CLOUD_ONLY" and "livekit.plugins import bithuman" in error["message"]
+        )
     assert not harness.rooms  # nothing was started
 
 
@@ -238,9 +240,7 @@ async def test_flutter_finds_the_avatar_by_its_display_name(avatar_service):
     assert r.status_code == 200
     body = r.json()
     assert body["participant_id"].startswith("PA_") and body["status"] == "connected"
-    avatar = next(
-        p for p in user_room.remote_participants.values() if p.name == "BitHuman Agent"
-    )
+    avatar = next(p for p in user_room.remote_participants.values() if p.name == "BitHuman Agent")
     assert avatar.sid == body["participant_id"]
     assert "warnings" not in body
     again = await client.post("/v1/agents/demo/join-room", json=flutter_join("room-f"))
@@ -348,9 +348,7 @@ async def test_gestures_reach_the_avatar_in_participant_mode(avatar_service, mon
         from livekit_plugins_avatarhub import ConfigurationError
 
         with pytest.raises(ConfigurationError, match="only actions"):
-            await avatar.push(
-                VideoControl(audio=AudioChunk(data=b"\0\0" * 640, sample_rate=16000))
-            )
+            await avatar.push(VideoControl(audio=AudioChunk(data=b"\0\0" * 640, sample_rate=16000)))
     finally:
         await avatar.aclose()
         await session.aclose()

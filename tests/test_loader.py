@@ -120,9 +120,9 @@ async def test_service_default_manager_loads_like_a_session(bithuman_env, fake_b
         assert created and info.status == "connected"
         assert rooms[0].connected_with == ("wss://lk.example.com", "token")
         runtime = fake_bithuman.created[0]
-        assert Path(runtime.model_path).read_bytes() == bithuman_env.agents[CODE].files[
-            "expression-2"
-        ]
+        assert (
+            Path(runtime.model_path).read_bytes() == bithuman_env.agents[CODE].files["expression-2"]
+        )
         assert "renders only in bitHuman's cloud" in caplog.text
         assert evict_everything() == []  # rendering: the model is leased
     finally:

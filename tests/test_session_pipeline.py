@@ -250,7 +250,9 @@ async def test_closing_mid_reply_never_hangs(first, model_file, fake_bithuman):
     await asyncio.sleep(0.3)
     finished = []
     avatar._audio_sink.on("playback_finished", finished.append)  # what the AgentSession hears
-    closes = (avatar.aclose, session.aclose) if first == "avatar" else (session.aclose, avatar.aclose)
+    closes = (
+        (avatar.aclose, session.aclose) if first == "avatar" else (session.aclose, avatar.aclose)
+    )
     for close in closes:
         await asyncio.wait_for(close(), 10)
     await asyncio.wait_for(handle.wait_for_playout(), 5)  # the reply ended, it did not hang
