@@ -140,8 +140,26 @@ async def join_room(ctx: JobContext) -> Any:
 
 
 async def run_job(ctx: JobContext) -> None:
-    """The entrypoint of every avatar job."""
-    job = AvatarJob.parse(ctx.job.metadata)  # before joining: a bad job never enters the room
+    """The entrypoint of every avatar job. A job that cannot run (bad metadata, an avatar that
+    cannot be loaded) logs why and ends itself, so it never holds a slot of the worker."""
+    try:
+        job = AvatarJob.parse(ctx.job.metadata)  # before joining: a bad job never enters a room
+        worker = await _start_worker(ctx, job)
+    except Exception as err:
+        logger.error("avatar job %s failed: %s", ctx.job.id, err)
+        ctx.shutdown(reason=f"avatar job failed: {err}")
+        return
+    report = asyncio.create_task(_report(worker, job.agent_id, _REPORT_EVERY))
+    try:
+        await worker.stopped
+    finally:
+        report.cancel()
+    if worker.error:
+        logger.error("avatar %s stopped: %s", job.agent_id, worker.error)
+    ctx.shutdown(reason=worker.error or "the avatar left the room")
+
+
+async def _start_worker(ctx: JobContext, job: AvatarJob) -> Any:
     from .service.worker import AvatarWorker
 
     room = await join_room(ctx)
@@ -154,14 +172,7 @@ async def run_job(ctx: JobContext) -> None:
     )
     await worker.start()
     logger.info("avatar %s is rendering in room %s", job.agent_id, getattr(room, "name", "?"))
-    report = asyncio.create_task(_report(worker, job.agent_id, _REPORT_EVERY))
-    try:
-        await worker.stopped
-    finally:
-        report.cancel()
-    if worker.error:
-        raise RuntimeError(f"avatar {job.agent_id} stopped: {worker.error}")
-    ctx.shutdown(reason="the avatar left the room")
+    return worker
 
 
 class _JobMetrics:

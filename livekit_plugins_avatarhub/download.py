@@ -1,8 +1,10 @@
 """Streaming a model file to disk: resumable, verified, and atomic.
 
-The bytes go to a uniquely named ``.incomplete`` file beside the destination, are hashed while
-they are written (on a second thread, so hashing overlaps the write), are checked against the
-announced size and sha256, and only then get the final name with ``os.replace``. A file whose
+The bytes go to a uniquely named ``.incomplete`` file beside the destination. They are gathered
+into batches of about 1 MB, and each batch is hashed and written by one worker-thread job while
+the event loop goes on receiving the next (one batch in flight: the network, the hash and the
+disk overlap, and no byte is joined or copied). The file is checked against the announced size
+and sha256, and only then gets the final name with ``os.replace``. A file whose
 completeness cannot be established (neither a sha256 nor a length announced) is never kept.
 A dropped connection resumes with ``Range`` when the server answers 206 with a matching
 ``Content-Range``; a 200 to a Range request, or a 416, starts over. A link that expires mid-way
@@ -24,8 +26,8 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-import aiofiles
 import httpx
 
 from ._retry import RetryPolicy
@@ -179,13 +181,16 @@ async def download(
     partial = dest.parent / f".{dest.name}.{secrets.token_hex(6)}{INCOMPLETE_SUFFIX}"
     try:
         try:
-            f = await aiofiles.open(partial, "wb")
+            f = await asyncio.to_thread(open, partial, "wb")
         except OSError as err:
             raise cache_error(err, dest.parent, "write the model") from err
+        writer = _Writer(f, dest.parent)
         try:
-            result = await _fetch(client, url, f, expected_size, retry, progress, refresh, rule)
+            result = await _fetch(
+                client, url, writer, expected_size, retry, progress, refresh, rule
+            )
         finally:
-            await f.close()
+            await writer.close()
         written, digest, etag, modified, announced = result
         if sha256 is None and expected_size is None and announced is None:
             raise IntegrityError(
@@ -214,14 +219,13 @@ async def download(
 async def _fetch(
     client: httpx.AsyncClient,
     url: str,
-    f: aiofiles.threadpool.binary.AsyncBufferedIOBase,
+    writer: _Writer,
     expected_size: int | None,
     retry: RetryPolicy,
     progress: Progress | None,
     refresh: Refresh | None,
     rule: RateRule,
 ) -> tuple[int, str, str | None, str | None, int | None]:
-    hasher = hashlib.sha256()
     written = 0
     total = expected_size
     etag = modified = None
@@ -229,10 +233,16 @@ async def _fetch(
     loop = asyncio.get_running_loop()
 
     async def restart() -> None:
-        nonlocal hasher, written
-        await f.seek(0)
-        await f.truncate()
-        hasher, written = hashlib.sha256(), 0
+        nonlocal written
+        await writer.restart()
+        written = 0
+
+    async def store(batch: list[bytes]) -> None:
+        nonlocal written
+        await writer.put(batch)
+        written = writer.queued
+        if progress is not None:
+            progress(written, total)
 
     while True:
         headers = {"accept-encoding": "identity"}
@@ -288,16 +298,17 @@ async def _fetch(
                                 raise _too_slow(window_bytes, now - window_start, rule)
                             window_start, window_bytes = now, 0
                         if pending >= CHUNK_SIZE:
-                            written = await _store(f, hasher, batch, written, total, progress)
+                            await store(batch)
                             batch, pending = [], 0
                 finally:
                     # what arrived before a failure is good data: keep it for the resume
                     if batch:
-                        written = await _store(f, hasher, batch, written, total, progress)
+                        await store(batch)
+                    await writer.wait()  # on disk before anything counts on it
             if total is not None and written < total:
                 raise _Interrupted(f"connection closed after {written} of {total} bytes")
-            await f.flush()
-            return written, hasher.hexdigest(), etag, modified, total
+            await writer.flush()
+            return written, writer.hexdigest(), etag, modified, total
         except _Expired as expired:
             assert refresh is not None
             logger.info(
@@ -340,27 +351,64 @@ def _too_slow(received: int, seconds: float, rule: RateRule) -> APITimeoutError:
     )
 
 
-def _hash_all(hasher: hashlib._Hash, batch: list[bytes]) -> None:
-    for chunk in batch:
-        hasher.update(chunk)
+class _Writer:
+    """Hashes and writes batches on one worker-thread job each, with one batch in flight.
 
+    ``put`` waits for the previous batch, then hands this one over and returns: the caller goes
+    back to the network while the thread hashes and writes. ``queued`` counts what was handed
+    over; after :meth:`wait` it is all on disk, which is what a resume relies on.
+    """
 
-async def _store(
-    f: aiofiles.threadpool.binary.AsyncBufferedIOBase,
-    hasher: hashlib._Hash,
-    batch: list[bytes],
-    written: int,
-    total: int | None,
-    progress: Progress | None,
-) -> int:
-    try:
-        await asyncio.gather(f.writelines(batch), asyncio.to_thread(_hash_all, hasher, batch))
-    except OSError as err:
-        raise cache_error(err, Path(str(f.name)).parent, "write the model") from err
-    written += sum(len(c) for c in batch)
-    if progress is not None:
-        progress(written, total)
-    return written
+    def __init__(self, f: BinaryIO, directory: Path) -> None:
+        self._f, self._directory = f, directory
+        self._hasher = hashlib.sha256()
+        self._inflight: asyncio.Future[None] | None = None
+        self.queued = 0
+
+    def _write(self, batch: list[bytes]) -> None:
+        for chunk in batch:  # hashlib and file writes release the GIL on large buffers
+            self._hasher.update(chunk)
+            self._f.write(chunk)
+
+    async def put(self, batch: list[bytes]) -> None:
+        await self.wait()
+        loop = asyncio.get_running_loop()
+        self._inflight = loop.run_in_executor(None, self._write, batch)
+        self.queued += sum(len(c) for c in batch)
+
+    async def wait(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            try:
+                await inflight
+            except OSError as err:
+                raise cache_error(err, self._directory, "write the model") from err
+
+    async def restart(self) -> None:
+        await self.wait()
+
+        def rewind() -> None:
+            self._f.seek(0)
+            self._f.truncate()
+
+        await asyncio.to_thread(rewind)
+        self._hasher, self.queued = hashlib.sha256(), 0
+
+    async def flush(self) -> None:
+        await self.wait()
+        try:
+            await asyncio.to_thread(self._f.flush)
+        except OSError as err:
+            raise cache_error(err, self._directory, "write the model") from err
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+    async def close(self) -> None:
+        try:
+            await self.wait()
+        finally:
+            await asyncio.to_thread(self._f.close)
 
 
 async def probe(client: httpx.AsyncClient, url: str) -> RemoteFile:

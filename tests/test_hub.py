@@ -270,14 +270,14 @@ async def test_model_pulled_by_the_sdk_is_used(clean_env, bithuman_api):
 
 
 async def test_disk_full_is_reported_and_leaves_nothing(bithuman_api, clean_env, monkeypatch):
-    import aiofiles.threadpool.binary as binary
+    from livekit_plugins_avatarhub import download
 
     bithuman_api.add_agent(CODE)
 
-    async def full(self, data):
+    def full(self, batch):  # the worker thread's write meets a full disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(binary.AsyncBufferedIOBase, "writelines", full)
+    monkeypatch.setattr(download._Writer, "_write", full)
     with pytest.raises(CacheError, match="disk is full.*BITHUMAN_CACHE_DIR") as info:
         await make_hub(bithuman_api).resolve(CODE)
     assert str(clean_env) in str(info.value)
