@@ -3,13 +3,13 @@
     python bench/bench_latency.py [--replies 20 --runs 3 --avatar demo|zero]
 
 A real ``AgentSession`` says half-second replies (a loud tone from the first sample, so the
-start of each reply is unambiguous; replies arrive faster than real time, as from a TTS) through ``AvatarSession`` into the duck-typed room, with a
-random pause between replies so every phase of the frame clock is hit. For each reply:
-the time its first loud sample entered the avatar's audio sink, and the time a frame carrying
-that sample reached LiveKit's ``AudioSource.capture_frame`` (what the room receives). Prints the
-distribution of each run (p50, p95, max and a histogram), not one number. The baseline is the
-frame period (40 ms at 25 FPS): the least a frame-paced renderer can add on a random phase is
-between 0 and one period.
+start of each reply is unambiguous; replies arrive faster than real time, as from a TTS)
+through ``AvatarSession`` into the duck-typed room, with a random pause between replies so
+every phase of the frame clock is hit. For each reply: the time its first loud sample entered
+the avatar's audio sink, and the time a frame carrying that sample reached LiveKit's
+``AudioSource.capture_frame`` (what the room receives). Prints the distribution of each run
+(p50, p95, max and a histogram), not one number. The baseline is the frame period (40 ms at
+25 FPS): a frame-paced renderer adds between 0 and one period, depending on the phase.
 """
 
 from __future__ import annotations

@@ -35,7 +35,14 @@ from .exceptions import (
     ServiceUnavailableError,
 )
 from .settings import api_base as resolve_api_base
-from .settings import api_deadline, bithuman_secret, redact, scrub, validate_avatar_id
+from .settings import (
+    api_deadline,
+    bithuman_secret,
+    redact,
+    scrub,
+    tls_context,
+    validate_avatar_id,
+)
 
 _BY_CODE: dict[str, type[APIStatusError]] = {
     "MODEL_ARTIFACT_NOT_READY": ModelNotReadyError,
@@ -172,6 +179,7 @@ class BithumanAPI:
         self.deadline = api_deadline(deadline)
         # no default auth header: the secret is added per request, to this host only
         self._client = httpx.AsyncClient(
+            verify=tls_context(),
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             follow_redirects=False,

@@ -40,6 +40,7 @@ from .exceptions import (
     IntegrityError,
 )
 from .log import logger
+from .settings import tls_context
 
 CHUNK_SIZE = 1 << 20
 MAX_REDIRECTS = 5
@@ -65,6 +66,7 @@ def storage_client(timeout: float, rule: RateRule) -> httpx.AsyncClient:
         check_download_url(str(request.url))
 
     return httpx.AsyncClient(
+        verify=tls_context(),
         timeout=httpx.Timeout(timeout, read=rule.window),
         follow_redirects=True,
         max_redirects=MAX_REDIRECTS,

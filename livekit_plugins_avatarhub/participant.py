@@ -22,7 +22,7 @@ from ._retry import RetryPolicy, with_retries
 from .api import status_error
 from .exceptions import APIConnectionError, AvatarHubError
 from .log import logger
-from .settings import livekit_credentials
+from .settings import livekit_credentials, tls_context
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -270,7 +270,7 @@ async def launch_avatar(
     headers = {"authorization": f"Bearer {service_key}"} if service_key else {}
     url = service_url.rstrip("/") + "/v1/runtime-tokens/request"
 
-    async with httpx.AsyncClient(timeout=timeout) as client:
+    async with httpx.AsyncClient(timeout=timeout, verify=tls_context()) as client:
 
         async def once() -> dict[str, Any]:
             try:
@@ -295,7 +295,7 @@ async def leave(
     headers = {"authorization": f"Bearer {service_key}"} if service_key else {}
     url = service_url.rstrip("/") + f"/v1/agents/{agent_id}/leave-room"
     try:
-        async with httpx.AsyncClient(timeout=10.0) as client:
+        async with httpx.AsyncClient(timeout=10.0, verify=tls_context()) as client:
             await client.post(url, json={"room_name": room_name}, headers=headers)
     except httpx.HTTPError as err:
         logger.debug("leave-room on the avatar service failed: %s", type(err).__name__)

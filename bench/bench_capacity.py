@@ -1,0 +1,116 @@
+"""How many avatars one process sustains at 1280x720, 25 FPS, all speaking at once.
+
+    python bench/bench_capacity.py [--runtime demo|zero --max 12 --seconds 5]
+
+Avatars are added one at a time, each with its own ``AgentSession`` and duck-typed room, all
+speaking continuously. After each addition, over ``--seconds``: the published frame rate of the
+slowest avatar (frames reaching LiveKit's ``VideoSource``), the worst render lag (how far behind
+its frame clock an avatar's runtime is), and the process's RSS. Capacity is the last count at
+which every avatar kept >= 24 FPS and the lag stayed under 100 ms. The baseline, printed first,
+is one avatar: every later line is read against it (FPS ratio, RSS added per avatar).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_cpu_per_avatar import tone  # noqa: E402
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runtime", choices=["demo", "zero"], default="zero")
+    parser.add_argument("--max", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+
+    from livekit.agents import Agent, AgentSession
+
+    from livekit import rtc
+    from livekit_plugins_avatarhub import AvatarSession
+
+    from fakes import FakeRoom
+    from zero_cost_runtime import ZeroCostRuntime
+
+    published: collections.Counter[int] = collections.Counter()
+    original = rtc.VideoSource.capture_frame
+
+    def capture(self: rtc.VideoSource, frame: rtc.VideoFrame, **kw: object) -> None:
+        published[id(self)] += 1
+        original(self, frame, **kw)  # type: ignore[arg-type]
+
+    rtc.VideoSource.capture_frame = capture  # type: ignore[method-assign]
+    speech = tone(4.0)
+    avatars: list[AvatarSession] = []
+    talkers = []
+    print(f"{args.runtime} runtime, 1280x720 at 25 FPS, {args.seconds:.0f} s per step")
+    baseline = None
+    capacity = 0
+    for n in range(1, args.max + 1):
+        if args.runtime == "zero":
+            avatar = AvatarSession(runtime=ZeroCostRuntime(1280, 720))
+        else:
+            avatar = AvatarSession(avatar_id="demo", output_size=(1280, 720))
+        session = AgentSession()
+        await avatar.start(session, room=FakeRoom(f"room-{n}"))
+        await session.start(agent=Agent(instructions="bench"))
+        avatars.append(avatar)
+
+        async def speak(s: AgentSession = session) -> None:
+            while True:
+                await s.say("speech", audio=speech(), add_to_chat_ctx=False).wait_for_playout()
+
+        talkers.append(asyncio.create_task(speak()))
+        await asyncio.sleep(1.5)  # let the newcomer settle
+        before = dict(published)
+        lag = 0.0
+        start = time.monotonic()
+        while time.monotonic() - start < args.seconds:
+            await asyncio.sleep(0.2)
+            for a in avatars:
+                if a.video_generator is not None:
+                    lag = max(lag, a.video_generator.stats.lag)
+        elapsed = time.monotonic() - start
+        sources = [a._runner._video_source for a in avatars]
+        fps = min((published[id(s)] - before.get(id(s), 0)) / elapsed for s in sources)
+        rss = rss_mb()
+        if baseline is None:
+            baseline = (fps, rss)
+        ok = fps >= 24 and lag < 0.1
+        if ok:
+            capacity = n
+        per = (rss - baseline[1]) / (n - 1) if n > 1 else 0.0
+        print(
+            f"{n:2d} avatars: slowest {fps:5.1f} FPS ({fps / baseline[0]:.2f} of one avatar), "
+            f"lag {lag * 1000:5.0f} ms, RSS {rss:6.0f} MB (+{per:.0f} MB per added avatar)"
+            f"{'' if ok else '  <- over'}"
+        )
+        if not ok:
+            break
+    print(f"capacity of one process: {capacity} avatars")
+    for task in talkers:
+        task.cancel()
+    for avatar in avatars:
+        await avatar.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
