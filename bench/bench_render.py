@@ -1,0 +1,128 @@
+"""H.264 encoding for the render command: speed, size and quality of encoder settings, one run.
+
+    python bench/bench_render.py [--size 1280x720 --seconds 6.5]
+
+The demo avatar speaking the bundled sample is drawn once into memory (RGB frames, as the
+session's video generator hands them out). Each variant then encodes those same frames to an
+MP4 in memory; the first variant is the baseline (RGB frames converted by PyAV's swscale,
+libx264 ``veryfast``, CRF 23). For each: encoding speed as a multiple of real time (on this
+machine's cores, and pinned to one), file size, and PSNR of the decoded video against the drawn
+frames (luma, dB), so a faster setting is only taken at unchanged quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import time
+from collections.abc import Callable
+
+import av
+import cv2
+import numpy as np
+
+
+async def draw(width: int, height: int) -> tuple[list[np.ndarray], int]:
+    from livekit.agents.voice.avatar import AudioSegmentEnd
+
+    from livekit import rtc
+    from livekit_plugins_avatarhub.demo import DemoRuntime
+    from livekit_plugins_avatarhub.generator import RuntimeVideoGenerator
+    from livekit_plugins_avatarhub.render import SAMPLE_AUDIO, decode_audio
+
+    runtime = await DemoRuntime.create(output_size=(width, height), realtime=False)
+    generator = await RuntimeVideoGenerator.create(runtime)
+    for block in decode_audio(SAMPLE_AUDIO, 16000):
+        for start in range(0, block.size, 320):
+            part = block[start : start + 320]
+            await generator.push_audio(rtc.AudioFrame(part.tobytes(), 16000, 1, part.size))
+    await generator.push_audio(AudioSegmentEnd())
+    frames = []
+    async for item in generator:
+        if isinstance(item, AudioSegmentEnd):
+            break
+        if isinstance(item, rtc.VideoFrame):
+            frames.append(np.frombuffer(item.data, np.uint8).reshape(height, width, 3).copy())
+    runtime.cleanup()
+    return frames, generator.video_fps
+
+
+def encode(
+    frames: list[np.ndarray], fps: int, *, i420: bool, preset: str, threads: int, crf: int = 23
+) -> bytes:
+    buffer = io.BytesIO()
+    height, width = frames[0].shape[:2]
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": preset}
+        if threads:
+            stream.codec_context.thread_count = threads
+        for index, rgb in enumerate(frames):
+            if i420:
+                yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+                frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+            else:
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def psnr_luma(data: bytes, frames: list[np.ndarray]) -> float:
+    errors = []
+    with av.open(io.BytesIO(data)) as container:
+        for decoded, source in zip(container.decode(video=0), frames, strict=False):
+            y = decoded.to_ndarray(format="yuv420p")[: source.shape[0]].astype(np.float64)
+            ref = cv2.cvtColor(source, cv2.COLOR_RGB2YUV_I420)[: source.shape[0]].astype(np.float64)
+            errors.append(np.mean((y - ref) ** 2))
+    mse = float(np.mean(errors))
+    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def timed(fn: Callable[[], bytes]) -> tuple[bytes, float]:
+    start = time.perf_counter()
+    data = fn()
+    return data, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="1280x720")
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    frames, fps = asyncio.run(draw(width, height))
+    seconds = len(frames) / fps
+    variants = [
+        ("baseline: rgb24 via swscale, veryfast 23", False, "veryfast", 23),
+        ("i420 from OpenCV, veryfast 23", True, "veryfast", 23),
+        ("i420 from OpenCV, superfast 23", True, "superfast", 23),
+        ("i420 from OpenCV, superfast 27", True, "superfast", 27),
+        ("i420 from OpenCV, ultrafast 23", True, "ultrafast", 23),
+        ("i420 from OpenCV, ultrafast 29", True, "ultrafast", 29),
+    ]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"{len(frames)} frames ({seconds:.2f} s) at {width}x{height}; {cores} cores")
+    base = None
+    for label, i420, preset, crf in variants:
+        data, spent = timed(
+            lambda i=i420, p=preset, c=crf: encode(frames, fps, i420=i, preset=p, threads=0, crf=c)
+        )
+        _, spent_one = timed(
+            lambda i=i420, p=preset, c=crf: encode(frames, fps, i420=i, preset=p, threads=1, crf=c)
+        )
+        quality = psnr_luma(data, frames)
+        if base is None:
+            base = (spent, len(data), quality)
+        print(
+            f"{label:40s} {seconds / spent:5.1f}x real time ({seconds / spent_one:4.1f}x on one "
+            f"thread), {len(data) / 1024:6.0f} KB ({len(data) / base[1]:.2f} of baseline), "
+            f"PSNR {quality:.2f} dB ({quality - base[2]:+.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
