@@ -335,12 +335,13 @@ def test_capacity_follows_the_machine():
     assert load(fake) == 1.0 >= options.load_threshold  # full: LiveKit sends no more jobs
 
 
-async def test_worker_command_registers_and_drains_on_sigterm(livekit_server):
+async def test_worker_command_registers_and_drains_on_sigterm(livekit_server, tmp_path):
     """`worker start` as a user runs it: registers with LiveKit, and SIGTERM drains it."""
     import os
     import signal
     import sys
 
+    log = (tmp_path / "worker.log").open("wb")  # a file, not a pipe nobody drains while waiting
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -352,8 +353,8 @@ async def test_worker_command_registers_and_drains_on_sigterm(livekit_server):
         "3",
         "start",
         env={**os.environ, "LIVEKIT_URL": livekit_server.url.replace("http", "ws")},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=log,
+        stderr=log,
     )
     try:
         await until(lambda: livekit_server.workers, timeout=60, what="the worker to register")
@@ -369,6 +370,7 @@ async def test_worker_command_registers_and_drains_on_sigterm(livekit_server):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert code == 0, (await proc.stderr.read()).decode()[-2000:]
+        log.close()
+    assert code == 0, (tmp_path / "worker.log").read_text(errors="replace")[-2000:]
     assert took < 30
     assert not livekit_server.workers, "it left LiveKit's worker pool"
