@@ -134,8 +134,12 @@ class _Mp4Writer:
         self._open = True
 
     def video(self, rgb: Any) -> None:
+        import cv2
+
         image = np.frombuffer(rgb, np.uint8).reshape(self._height, self._width, 3)
-        frame = self._av.VideoFrame.from_ndarray(image, format="rgb24")  # copies out of the ring
+        # the encoder's own format, converted by OpenCV (SIMD) rather than by swscale
+        yuv = cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420)
+        frame = self._av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self._frames
         self._frames += 1
         self._container.mux(self._video.encode(frame))
