@@ -138,7 +138,7 @@ class _Mp4Writer:
 
         image = np.frombuffer(rgb, np.uint8).reshape(self._height, self._width, 3)
         # the encoder's own format, converted by OpenCV (SIMD) rather than by swscale
-        yuv = cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420)
+        yuv: Any = cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420)  # uint8, (height * 3 / 2, width)
         frame = self._av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self._frames
         self._frames += 1
