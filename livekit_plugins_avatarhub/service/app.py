@@ -145,11 +145,11 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
-async def _joining(request: web.Request, join: Any) -> tuple[WorkerInfo, bool]:
-    """Await a manager's join, counting it (and how long it took) for /metrics."""
+async def _join(request: web.Request, **fields: Any) -> tuple[WorkerInfo, bool]:
+    """The manager's join for ``fields``, counted (and timed) for /metrics."""
     started = time.monotonic()
     try:
-        info, created = await join
+        info, created = await request.app[MANAGER].join(**fields)
     except Exception:
         request.app[METRICS].failed()
         raise
@@ -229,18 +229,16 @@ async def join_room(request: web.Request) -> web.Response:
             "room_token has no room grant: mint it with VideoGrants(room_join=True, room=...)"
         )
     participant = token_identity(token) or name or f"avatar-{agent_id}"
-    info, created = await _joining(
+    info, created = await _join(
         request,
-        request.app[MANAGER].join(
-            agent_id=agent_id,
-            room=room,
-            participant_id=participant,
-            room_url=room_url,
-            token=token,
-            model=_model(body.get("model")),
-            listen_to=listen_to,
-            participant_name=name,
-        ),
+        agent_id=agent_id,
+        room=room,
+        participant_id=participant,
+        room_url=room_url,
+        token=token,
+        model=_model(body.get("model")),
+        listen_to=listen_to,
+        participant_name=name,
     )
     return _joined(info, created)
 
@@ -296,16 +294,14 @@ async def launch(request: web.Request) -> web.Response:
     room = _text(body, "room_name", limit=256)
     assert token is not None and room is not None
     participant = token_identity(token) or f"avatar-{agent_id}"
-    join = _joining(
+    join = _join(
         request,
-        request.app[MANAGER].join(
-            agent_id=agent_id,
-            room=room,
-            participant_id=participant,
-            room_url=room_url,
-            token=token,
-            model=_model(body.get("model")),
-        ),
+        agent_id=agent_id,
+        room=room,
+        participant_id=participant,
+        room_url=room_url,
+        token=token,
+        model=_model(body.get("model")),
     )
     if background:  # async_mode=true: answer now; the worker list shows how the start went
         task = asyncio.get_running_loop().create_task(join)
