@@ -1,11 +1,12 @@
 """Model hub benchmarks, each against a baseline measured in the same run.
 
-    python bench/bench_hub.py [--mb 256]
+    python bench/bench_hub.py [--mb 256] [--runs 5]
 
 * warm resolve: time and requests for a cached avatar (fresh, then stale-and-revalidated),
   against a cold resolve that downloads;
 * download throughput: ModelHub against ``curl`` fetching the same file from the same
-  loopback server;
+  loopback server, and against ``curl | tee | openssl sha256`` (the same work as the hub: receive,
+  write and hash in one pass), interleaved run by run;
 * peak memory growth while downloading the file, against the size of the file.
 """
 
@@ -13,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
+import resource
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +58,7 @@ def _child_peak_rss_mb(api_base: str, cache: str) -> tuple[float, float]:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=256, help="model size in MB")
+    parser.add_argument("--runs", type=int, default=5, help="throughput runs (interleaved)")
     args = parser.parse_args()
 
     # the server runs in its own process, so it does not share a GIL with the client measured
@@ -65,13 +71,33 @@ async def main() -> None:
         assert server.stdout is not None
         env_line = server.stdout.readline().split()
         api = dict(item.split("=", 1) for item in env_line)["BITHUMAN_API_BASE"]
-        await run(args.mb, api)
+        await run(args.mb, args.runs, api)
     finally:
         server.terminate()
         server.wait()
 
 
-async def run(mb: int, api_base: str) -> None:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _sha256_ms_per_mb() -> float:
+    block = os.urandom(1 << 20)
+    hasher = hashlib.sha256()
+    start = time.process_time()
+    for _ in range(256):
+        hasher.update(block)
+    return (time.process_time() - start) * 1e3 / 256
+
+
+def _spread(values: list[float], digits: int = 0) -> str:
+    """median (min-max)"""
+    mid = statistics.median(values)
+    return f"{mid:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+async def run(mb: int, runs: int, api_base: str) -> None:
     import httpx
 
     from livekit_plugins_avatarhub.hub import ModelHub
@@ -117,21 +143,60 @@ async def run(mb: int, api_base: str) -> None:
             )
         url = info.json()["data"]["url"]
         curl = shutil.which("curl")
-        shutil.rmtree(Path(tmp) / "agents")
-        t0 = time.perf_counter()
-        await hub().resolve(CODE)
-        ours = time.perf_counter() - t0
-        print(f"hub download:  {mb / ours:8.1f} MB/s (incl. API call, sha256, rename)")
-        if curl:
-            out = Path(tmp) / "curl.bin"
-            t0 = time.perf_counter()
-            subprocess.run([curl, "-s", "-o", str(out), url], check=True)
-            theirs = time.perf_counter() - t0
-            assert out.stat().st_size == mb << 20
-            print(f"curl download: {mb / theirs:8.1f} MB/s")
-            print(f"throughput ratio (hub / curl): {theirs / ours:.2f}")
-        else:
+        if not curl:
             print("curl not installed: throughput baseline skipped (apt-get install curl)")
+        ours_mbs: list[float] = []
+        ours_cpu: list[float] = []
+        theirs_mbs: list[float] = []
+        theirs_cpu: list[float] = []
+        hashed_mbs: list[float] = []
+        hashed_cpu: list[float] = []
+        for _ in range(runs):  # interleaved, so both see the same machine
+            shutil.rmtree(Path(tmp) / "agents")
+            c0, t0 = time.process_time(), time.perf_counter()
+            await hub().resolve(CODE)
+            ours_mbs.append(mb / (time.perf_counter() - t0))
+            ours_cpu.append((time.process_time() - c0) * 1e3 / mb)
+            if curl:
+                out = Path(tmp) / "curl.bin"
+                before = _children_cpu()
+                t0 = time.perf_counter()
+                subprocess.run([curl, "-s", "-o", str(out), url], check=True)
+                theirs_mbs.append(mb / (time.perf_counter() - t0))
+                theirs_cpu.append((_children_cpu() - before) * 1e3 / mb)
+                assert out.stat().st_size == mb << 20
+                out.unlink()
+                # the same work as the hub in C tools: receive, write and sha256 in one pass
+                before = _children_cpu()
+                t0 = time.perf_counter()
+                subprocess.run(
+                    f"{curl} -s {shlex.quote(url)} | tee {out} | openssl dgst -sha256",
+                    shell=True,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
+                hashed_mbs.append(mb / (time.perf_counter() - t0))
+                hashed_cpu.append((_children_cpu() - before) * 1e3 / mb)
+                out.unlink()
+        print(
+            f"hub download:  {_spread(ours_mbs)} MB/s, CPU {_spread(ours_cpu, 2)} ms/MB "
+            f"(incl. API call, sha256, rename; {runs} runs)"
+        )
+        if curl:
+            print(f"curl download: {_spread(theirs_mbs)} MB/s, CPU {_spread(theirs_cpu, 2)} ms/MB")
+            print(
+                f"curl | tee | openssl sha256: {_spread(hashed_mbs)} MB/s, "
+                f"CPU {_spread(hashed_cpu, 2)} ms/MB"
+            )
+            ratios = [a / b for a, b in zip(ours_mbs, theirs_mbs, strict=True)]
+            print(f"throughput ratio (hub / curl, per run): {_spread(ratios, 2)}")
+            floor = statistics.median(theirs_cpu) + _sha256_ms_per_mb()
+            print(
+                f"floor for a hashing client: curl's CPU + sha256 alone = {floor:.2f} ms/MB "
+                f"(hub / floor: {statistics.median(ours_cpu) / floor:.2f})"
+            )
+            ratios = [a / b for a, b in zip(ours_mbs, hashed_mbs, strict=True)]
+            print(f"throughput ratio (hub / curl|tee|openssl, per run): {_spread(ratios, 2)}")
 
         shutil.rmtree(Path(tmp) / "agents")
         base, peak = _child_peak_rss_mb(api_base, tmp)

@@ -23,12 +23,15 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import aiohttp
 import httpx
+from yarl import URL
 
 from ._retry import RetryPolicy
 from .cache import INCOMPLETE_SUFFIX, cache_error
@@ -45,6 +48,8 @@ from .settings import tls_context
 CHUNK_SIZE = 1 << 20
 MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_QUERY = re.compile(r"\?[^\s'\"<>]*")
 
 Progress = Callable[[int, int | None], None]
 #: a fresh download URL from the API, when the one in use has expired
@@ -59,19 +64,40 @@ class RateRule:
     window: float = 30.0
 
 
-def storage_client(timeout: float, rule: RateRule) -> httpx.AsyncClient:
-    """A client for the storage host: no credentials, and every redirect hop checked."""
-
-    async def check_hop(request: httpx.Request) -> None:
-        check_download_url(str(request.url))
-
-    return httpx.AsyncClient(
-        verify=tls_context(),
-        timeout=httpx.Timeout(timeout, read=rule.window),
-        follow_redirects=True,
-        max_redirects=MAX_REDIRECTS,
-        event_hooks={"request": [check_hop]},
+def storage_client(timeout: float, rule: RateRule) -> aiohttp.ClientSession:
+    """A session for the storage host: no credentials, and redirects followed by :func:`_get`,
+    which checks every hop. aiohttp, not httpx, carries the model bytes: it hands over whatever
+    the socket has buffered, at about half httpx's CPU per MB (``bench/bench_hub.py``)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=tls_context()),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=rule.window),
+        auto_decompress=False,
+        read_bufsize=CHUNK_SIZE,  # fewer, larger reads; the socket is paused less often
+        trust_env=True,  # HTTPS_PROXY and NO_PROXY, as httpx honours them
     )
+
+
+@asynccontextmanager
+async def _get(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], *, method: str = "GET"
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """A request whose redirects are followed here, each hop checked like the first URL."""
+    for _ in range(MAX_REDIRECTS + 1):
+        # encoded=True: a pre-signed URL goes out exactly as signed, never re-quoted
+        response = await session.request(
+            method, URL(url, encoded=True), headers=headers, allow_redirects=False
+        )
+        location = response.headers.get("location")
+        if response.status not in _REDIRECTS or not location:
+            try:
+                yield response
+            finally:
+                response.release()
+            return
+        response.release()
+        url = str(response.url.join(URL(location, encoded=True)))
+        check_download_url(url)
+    raise APIError(f"model storage redirected more than {MAX_REDIRECTS} times")
 
 
 @dataclass(frozen=True)
@@ -144,16 +170,21 @@ class _Interrupted(Exception):
     """The body ended early."""
 
 
-def _http_error(response: httpx.Response) -> APIStatusError:
+def _http_error(status: int) -> APIStatusError:
     return APIStatusError(
-        f"model storage answered HTTP {response.status_code}"
+        f"model storage answered HTTP {status}"
         + (
             " (the download link expired or was refused; resolving again fetches a new one)"
-            if response.status_code in (401, 403)
+            if status in (401, 403)
             else ""
         ),
-        status_code=response.status_code,
+        status_code=status,
     )
+
+
+def _described(err: BaseException) -> str:
+    """An error's type and words, with any URL query (a storage signature) taken out."""
+    return f"{type(err).__name__}: {_QUERY.sub('?redacted', str(err))}"
 
 
 class _Expired(Exception):
@@ -164,7 +195,7 @@ class _Expired(Exception):
 
 
 async def download(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     url: str,
     dest: Path,
     *,
@@ -219,7 +250,7 @@ async def download(
 
 
 async def _fetch(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     url: str,
     writer: _Writer,
     expected_size: int | None,
@@ -251,21 +282,22 @@ async def _fetch(
         if written:
             headers["range"] = f"bytes={written}-"
         try:
-            async with client.stream("GET", url, headers=headers) as response:
-                if response.status_code == 416:
+            async with _get(client, url, headers) as response:
+                status = response.status
+                if status == 416:
                     logger.info("server refused to resume (416); restarting the download")
                     raise _Restart
-                if response.status_code in (401, 403) and refresh is not None:
-                    raise _Expired(_http_error(response))
-                if response.status_code >= 400:
-                    error = _http_error(response)
+                if status in (401, 403) and refresh is not None:
+                    raise _Expired(_http_error(status))
+                if status >= 400:
+                    error = _http_error(status)
                     if not error.retryable:
                         raise error
                     raise _Interrupted(str(error))
-                if written and response.status_code == 200:
+                if written and status == 200:
                     logger.info("server ignored the Range request; restarting the download")
                     await restart()
-                elif written and response.status_code == 206:
+                elif written and status == 206:
                     match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
                     if (
                         not match
@@ -280,17 +312,17 @@ async def _fetch(
                     logger.info("resuming the download at byte %d", written)
                 if not written:
                     length = response.headers.get("content-length")
-                    if response.status_code == 200 and length and length.isdigit():
+                    if status == 200 and length and length.isdigit():
                         total = total if total is not None else int(length)
                     etag = response.headers.get("etag")
                     modified = response.headers.get("last-modified")
-                # chunks arrive as the network delivers them (~64 KB); they are written and
-                # hashed in batches of about CHUNK_SIZE, one thread hop each, without joining
+                # chunks are what the socket had buffered; they are written and hashed in
+                # batches of about CHUNK_SIZE, one thread hop each, without joining
                 batch: list[bytes] = []
                 pending = 0
                 window_start, window_bytes = loop.time(), 0
                 try:
-                    async for chunk in response.aiter_raw():
+                    async for chunk in response.content.iter_any():
                         batch.append(chunk)
                         pending += len(chunk)
                         window_bytes += len(chunk)
@@ -322,13 +354,13 @@ async def _fetch(
         except _Restart:
             await restart()
             failures += 1
-        except httpx.ReadTimeout:
+        except aiohttp.SocketTimeoutError:  # no byte for a whole stall window
             raise _too_slow(0, rule.window, rule) from None
-        except (httpx.TransportError, _Interrupted) as err:
+        except (aiohttp.ClientError, _Interrupted) as err:  # aiohttp's timeouts included
             failures += 1
             if failures >= retry.attempts:
                 raise APIConnectionError(
-                    f"model download failed after {failures} attempts: {type(err).__name__}: {err}"
+                    f"model download failed after {failures} attempts: {_described(err)}"
                 ) from None
             delay = retry.delay(failures - 1)
             logger.info(
@@ -413,32 +445,28 @@ class _Writer:
             await asyncio.to_thread(self._f.close)
 
 
-async def probe(client: httpx.AsyncClient, url: str) -> RemoteFile:
+async def probe(client: aiohttp.ClientSession, url: str) -> RemoteFile:
     """Size and ETag of ``url`` without its body: HEAD, else a one-byte ranged GET.
 
     Pre-signed storage URLs are often signed for GET only, so HEAD may be refused.
     """
     check_download_url(url)
     try:
-        response = await client.head(url)
-        if response.status_code < 400:
-            length = response.headers.get("content-length")
-            return RemoteFile(
-                int(length) if length and length.isdigit() else None, response.headers.get("etag")
-            )
-        async with client.stream("GET", url, headers={"range": "bytes=0-0"}) as response:
-            if response.status_code >= 400:
-                raise _http_error(response)
+        async with _get(client, url, {}, method="HEAD") as response:
+            if response.status < 400:
+                return RemoteFile(_length(response), response.headers.get("etag"))
+        async with _get(client, url, {"range": "bytes=0-0"}) as response:
+            if response.status >= 400:
+                raise _http_error(response.status)
             etag = response.headers.get("etag")
             match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
-            if response.status_code == 206 and match and match.group(3) != "*":
+            if response.status == 206 and match and match.group(3) != "*":
                 return RemoteFile(int(match.group(3)), etag)
-            length = response.headers.get("content-length")
-            return RemoteFile(
-                int(length)
-                if response.status_code == 200 and length and length.isdigit()
-                else None,
-                etag,
-            )
-    except httpx.TransportError as err:
+            return RemoteFile(_length(response) if response.status == 200 else None, etag)
+    except aiohttp.ClientError as err:
         raise APIConnectionError(f"model storage unreachable: {type(err).__name__}") from None
+
+
+def _length(response: aiohttp.ClientResponse) -> int | None:
+    length = response.headers.get("content-length")
+    return int(length) if length and length.isdigit() else None

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import httpx
+import aiohttp
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
@@ -247,7 +247,7 @@ class ModelHub:
         return target
 
     async def _still_current(
-        self, storage: httpx.AsyncClient, code: str, path: Path, info: ModelDownload
+        self, storage: aiohttp.ClientSession, code: str, path: Path, info: ModelDownload
     ) -> bool:
         record = await asyncio.to_thread(self.cache.read_record, code, path.name)
         size = (await asyncio.to_thread(path.stat)).st_size

@@ -148,6 +148,24 @@ async def test_storage_redirects_are_checked_like_the_first_url(bithuman_api, ta
     assert len(redirects) == 1, "a refused redirect is not retried"
 
 
+async def test_a_relative_redirect_on_the_storage_host_is_followed(bithuman_api):
+    agent = bithuman_api.add_agent(CODE)
+    target = f"/files/{CODE}/essence-1?X-Signature=s3cr3tsig%2Fb"
+    bithuman_api.storage_faults = [f"redirect:{target}"]
+    path = await hub(bithuman_api).resolve(CODE)
+    assert path.read_bytes() == agent.files["essence-1"]
+    gets = [p for m, p, h in bithuman_api.storage_requests if m == "GET"]
+    assert gets[-1] == target, "the hop was requested exactly as given, signature unchanged"
+
+
+async def test_a_redirect_loop_ends_with_a_clear_error(bithuman_api):
+    bithuman_api.add_agent(CODE)
+    bithuman_api.storage_faults = [f"redirect:/files/{CODE}/essence-1"] * 10
+    with pytest.raises(APIError, match="redirected more than 5 times"):
+        await hub(bithuman_api).resolve(CODE)
+    assert len([r for r in bithuman_api.storage_requests if r[0] == "GET"]) == 6
+
+
 async def test_a_trickling_download_fails_instead_of_holding_the_lock(bithuman_api):
     bithuman_api.add_agent(CODE, size=256 * 1024)
     bithuman_api.storage_faults = ["trickle"]
