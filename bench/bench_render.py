@@ -1,6 +1,6 @@
-"""H.264 encoding for the render command: speed, size and quality of encoder settings, one run.
+"""The render command: encoder settings (one run each), then ``render()`` end to end.
 
-    python bench/bench_render.py [--size 1280x720 --seconds 6.5]
+    python bench/bench_render.py [--size 1280x720] [--runs 5]
 
 The demo avatar speaking the bundled sample is drawn once into memory (RGB frames, as the
 session's video generator hands them out). Each variant then encodes those same frames to an
@@ -83,6 +83,53 @@ def psnr_luma(data: bytes, frames: list[np.ndarray]) -> float:
     return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
+def end_to_end(runs: int) -> None:
+    """``render()`` of the bundled sample, whole: drawing, conversion, H.264, AAC, the file.
+
+    Baseline: the same call with the encoder fed in turns (draw, then encode, then draw), as
+    before the pipeline; runs interleaved so both see the same machine."""
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from livekit_plugins_avatarhub import render as render_module
+    from livekit_plugins_avatarhub.demo import DemoRuntime
+
+    async def once(depth: int, preset: str, crf: int) -> tuple[float, int]:
+        render_module.PIPELINE_DEPTH = depth
+        runtime = await DemoRuntime.create(output_size=(1280, 720), realtime=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.mp4"
+            start = time.perf_counter()
+            result = await render_module.render(
+                runtime, render_module.SAMPLE_AUDIO, out, preset=preset, crf=crf
+            )
+            spent = time.perf_counter() - start
+            return result.audio_seconds / spent, out.stat().st_size
+
+    configs = [
+        ("in turns (before), veryfast 23", 0, "veryfast", 23),
+        ("pipelined, veryfast 23 (default)", 3, "veryfast", 23),
+        ("pipelined, ultrafast 29", 3, "ultrafast", 29),
+    ]
+    speeds: dict[str, list[float]] = {label: [] for label, *_ in configs}
+    sizes: dict[str, int] = {}
+    for _ in range(runs):
+        for label, depth, preset, crf in configs:
+            speed, size = asyncio.run(once(depth, preset, crf))
+            speeds[label].append(speed)
+            sizes[label] = size
+    base = statistics.median(speeds[configs[0][0]])
+    print(f"render() end to end, 1280x720, {runs} runs each, interleaved:")
+    for label, *_ in configs:
+        values = speeds[label]
+        mid = statistics.median(values)
+        print(
+            f"  {label:34s} {mid:4.1f}x real time ({min(values):.1f}-{max(values):.1f}), "
+            f"{sizes[label] / 1024:5.0f} KB, {mid / base:.2f} of the baseline"
+        )
+
+
 def timed(fn: Callable[[], bytes]) -> tuple[bytes, float]:
     start = time.perf_counter()
     data = fn()
@@ -92,6 +139,7 @@ def timed(fn: Callable[[], bytes]) -> tuple[bytes, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="1280x720")
+    parser.add_argument("--runs", type=int, default=5, help="end-to-end runs per setting")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     frames, fps = asyncio.run(draw(width, height))
@@ -122,6 +170,7 @@ def main() -> None:
             f"thread), {len(data) / 1024:6.0f} KB ({len(data) / base[1]:.2f} of baseline), "
             f"PSNR {quality:.2f} dB ({quality - base[2]:+.2f})"
         )
+    end_to_end(args.runs)
 
 
 if __name__ == "__main__":

@@ -222,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", default="avatar.mp4", help="MP4 to write (default: avatar.mp4)"
     )
     p.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT (default: 1280x720)")
+    p.add_argument(
+        "--preset",
+        default="veryfast",
+        help="libx264 preset: ultrafast ... veryslow (default: veryfast); faster presets "
+        "encode sooner into larger files",
+    )
+    p.add_argument(
+        "--crf",
+        type=_crf,
+        default=23,
+        help="libx264 quality, 0-51, lower is better and larger (default: 23)",
+    )
     p.add_argument("--model", help="model family when AVATAR is an agent code")
     _api_options(p)
     p.set_defaults(func=cmd_render)
@@ -323,8 +335,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .loader import open_avatar, split_source
-    from .render import SAMPLE_AUDIO, render
+    from .render import PRESETS, SAMPLE_AUDIO, render
 
+    if args.preset not in PRESETS:
+        raise SystemExit(f"error: --preset must be one of {', '.join(PRESETS)}")
     audio = Path(args.audio) if args.audio else SAMPLE_AUDIO
     width, height = _parse_size(args.size)
 
@@ -348,7 +362,14 @@ def cmd_render(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         try:
-            result = await render(opened.runtime, audio, Path(args.output), on_frame=on_frame)
+            result = await render(
+                opened.runtime,
+                audio,
+                Path(args.output),
+                crf=args.crf,
+                preset=args.preset,
+                on_frame=on_frame,
+            )
         finally:
             bar.close()
             await opened.aclose()
@@ -359,6 +380,16 @@ def cmd_render(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _crf(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= 51:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 51, not {value}")
+    return value
 
 
 def _parse_size(text: str) -> tuple[int, int]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,20 @@ from .runtime import AvatarRuntime
 
 SAMPLE_AUDIO = Path(__file__).with_name("assets") / "hello.wav"
 _PUSH_MS = 20
+#: encoder calls queued while the next frame is drawn (0: draw and encode take turns)
+PIPELINE_DEPTH = 3
+#: libx264's presets, fastest first: faster ones encode sooner into larger files
+PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)
 
 
 @dataclass(frozen=True)
@@ -64,9 +80,17 @@ async def render(
     output: Path,
     *,
     crf: int = 23,
+    preset: str = "veryfast",
     on_frame: Callable[[int, int], None] | None = None,
 ) -> RenderResult:
-    """Render ``audio`` through ``runtime`` into ``output`` (MP4). ``on_frame(done, total)``."""
+    """Render ``audio`` through ``runtime`` into ``output`` (MP4). ``on_frame(done, total)``.
+
+    ``crf`` (0-51, lower is better and larger) and ``preset`` (:data:`PRESETS`) are libx264's.
+    """
+    if preset not in PRESETS:
+        raise ConfigurationError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise ConfigurationError(f"crf must be a whole number from 0 to 51, not {crf!r}")
 
     generator = await RuntimeVideoGenerator.create(runtime)
     rate = generator.audio_sample_rate
@@ -92,22 +116,28 @@ async def render(
             await generator.push_audio(rtc.AudioFrame(part.tobytes(), rate, 1, part.size))
     await generator.push_audio(AudioSegmentEnd())
 
-    encoder = await asyncio.to_thread(_Mp4Writer, partial, width, height, fps, rate, crf)
+    encoder = await asyncio.to_thread(_Mp4Writer, partial, width, height, fps, rate, crf, preset)
+    # one encoder thread, fed in order while the next frame is drawn: drawing and encoding
+    # overlap instead of taking turns
+    pipeline = _Pipeline(PIPELINE_DEPTH)
     frames = 0
     try:
         async for item in generator:
             if isinstance(item, AudioSegmentEnd):
                 break
             if isinstance(item, rtc.VideoFrame):
-                await asyncio.to_thread(encoder.video, item.data)
+                # converted here, so the generator's reused buffer is free once this returns
+                await pipeline.submit(encoder.video, encoder.to_i420(item.data))
                 frames += 1
                 if on_frame is not None:
                     on_frame(frames, expected_frames)
             elif isinstance(item, rtc.AudioFrame):
-                await asyncio.to_thread(encoder.audio, item.data)
-        await asyncio.to_thread(encoder.close)
+                await pipeline.submit(encoder.audio, bytes(item.data))
+        await pipeline.submit(encoder.close)
+        await pipeline.drain()
         await asyncio.to_thread(os.replace, partial, output)
     finally:
+        await pipeline.close()  # nothing touches the encoder after this
         encoder.abort()
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
@@ -115,10 +145,51 @@ async def render(
     return RenderResult(output, frames, fps, width, height, samples / rate)
 
 
-class _Mp4Writer:
-    """H.264 + AAC muxing with PyAV; every method blocks, so callers use a worker thread."""
+class _Pipeline:
+    """Calls run in submission order on one worker thread, at most ``depth`` waiting. After a
+    call fails, the calls queued behind it are skipped: nothing touches a broken encoder."""
 
-    def __init__(self, path: Path, width: int, height: int, fps: int, rate: int, crf: int) -> None:
+    def __init__(self, depth: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatarhub-render")
+        self._pending: deque[asyncio.Future[None]] = deque()
+        self._depth = depth
+        self._failed = False
+
+    def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if self._failed:
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
+
+    async def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self._pending.append(loop.run_in_executor(self._executor, self._run, fn, args))
+        while len(self._pending) > self._depth or (self._pending and self._pending[0].done()):
+            await self._pending.popleft()  # raises the first failure
+
+    async def drain(self) -> None:
+        while self._pending:
+            await self._pending.popleft()
+
+    async def close(self) -> None:
+        """Wait for whatever is running or queued (failures were reported already)."""
+        for future in self._pending:
+            future.cancel()  # not started yet: never runs
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        self._pending.clear()
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
+class _Mp4Writer:
+    """H.264 + AAC muxing with PyAV; the methods that encode block, so they run on the
+    pipeline's thread, one at a time."""
+
+    def __init__(
+        self, path: Path, width: int, height: int, fps: int, rate: int, crf: int, preset: str
+    ) -> None:
         import av
 
         self._av = av
@@ -126,25 +197,28 @@ class _Mp4Writer:
         self._container = av.open(str(path), "w", format="mp4")
         self._video = self._container.add_stream("libx264", rate=fps)
         self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
-        self._video.options = {"crf": str(crf), "preset": "veryfast"}
+        self._video.options = {"crf": str(crf), "preset": preset}
         self._audio: Any = self._container.add_stream("aac", rate=rate)
         self._audio.layout = "mono"
         self._frames = 0
         self._samples = 0
         self._open = True
 
-    def video(self, rgb: Any) -> None:
+    def to_i420(self, rgb: Any) -> np.ndarray:
+        """The encoder's own format, converted by OpenCV (SIMD) rather than by swscale."""
         import cv2
 
         image = np.frombuffer(rgb, np.uint8).reshape(self._height, self._width, 3)
-        # the encoder's own format, converted by OpenCV (SIMD) rather than by swscale
-        yuv: Any = cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420)  # uint8, (height * 3 / 2, width)
+        yuv: np.ndarray = cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420)  # (height * 3 / 2, width)
+        return yuv
+
+    def video(self, yuv: np.ndarray) -> None:
         frame = self._av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self._frames
         self._frames += 1
         self._container.mux(self._video.encode(frame))
 
-    def audio(self, pcm: Any) -> None:
+    def audio(self, pcm: bytes) -> None:
         samples = np.frombuffer(pcm, np.int16).reshape(1, -1)
         frame = self._av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
         frame.sample_rate = self._rate

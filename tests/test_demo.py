@@ -99,6 +99,56 @@ def test_render_the_bundled_sample(tmp_path):
     assert abs(info["video_seconds"] - seconds) <= 1 / 25
 
 
+def test_render_preset_and_crf_trade_size_for_speed(tmp_path):
+    sizes = {}
+    for preset, crf in (("veryfast", "23"), ("ultrafast", "35")):
+        out = tmp_path / f"{preset}.mp4"
+        args = ["render", "demo", "-o", str(out), "--size", f"{W}x{H}"]
+        assert main([*args, "--preset", preset, "--crf", crf]) == 0
+        info = probe(out)
+        assert info["video_codec"] == "h264" and len(info["frames"]) > 100
+        sizes[preset] = out.stat().st_size
+    assert sizes["ultrafast"] != sizes["veryfast"], "the options reached the encoder"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [("--preset", "warp", "error: --preset must be one of"), ("--crf", "52", 2), ("--crf", "x", 2)],
+)
+def test_render_bad_encoder_options_are_one_line(tmp_path, capsys, option, value, expected):
+    out = tmp_path / "out.mp4"
+    with pytest.raises(SystemExit) as exited:
+        main(["render", "demo", "-o", str(out), option, value])
+    if isinstance(expected, int):
+        assert exited.value.code == expected  # argparse's usage line
+        assert "--crf" in capsys.readouterr().err
+    else:
+        assert str(exited.value.code).startswith(expected)
+    assert not out.exists()
+
+
+async def test_an_encoder_failure_mid_render_leaves_no_file(tmp_path, monkeypatch):
+    from livekit_plugins_avatarhub import render as render_module
+
+    calls = 0
+    original = render_module._Mp4Writer.video
+
+    def failing(self, yuv):
+        nonlocal calls
+        calls += 1
+        if calls == 30:
+            raise OSError(28, "No space left on device")
+        original(self, yuv)
+
+    monkeypatch.setattr(render_module._Mp4Writer, "video", failing)
+    runtime = await DemoRuntime.create(output_size=(W, H), realtime=False)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(OSError, match="No space left"):
+        await render_module.render(runtime, SAMPLE_AUDIO, out)
+    assert calls == 30, "nothing was handed to the encoder after it failed"
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("content", [None, b"definitely not audio"])
 def test_render_bad_audio_is_a_clear_error(tmp_path, capsys, content):
     audio = tmp_path / "in.wav"
