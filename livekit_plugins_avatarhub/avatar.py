@@ -320,7 +320,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
             return
         try:
             runtime = await self._load_runtime()
-            generator = await RuntimeVideoGenerator.create(runtime)
+            generator = await RuntimeVideoGenerator.create(runtime, live=True)
         except BaseException:
             await self._release_runtime()
             raise

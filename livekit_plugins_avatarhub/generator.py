@@ -89,11 +89,12 @@ class FrameStats:
 
     Plain counters updated once per frame (read by the metrics, never locked)."""
 
-    __slots__ = ("frames", "lag", "late")
+    __slots__ = ("frames", "lag", "late", "stale")
 
     def __init__(self) -> None:
         self.frames = 0
         self.late = 0
+        self.stale = 0  # catch-up pictures not sent (their audio was)
         self.lag = 0.0
 
 
@@ -104,8 +105,11 @@ class RuntimeVideoGenerator(VideoGenerator):
     to answer) off the event loop.
     """
 
-    def __init__(self, runtime: AvatarRuntime, *, width: int, height: int) -> None:
+    def __init__(
+        self, runtime: AvatarRuntime, *, width: int, height: int, live: bool = False
+    ) -> None:
         self._runtime = runtime
+        self._live = live
         self.last_audio_at = time.monotonic()
         self._fps = int(runtime.settings.FPS)
         self._sample_rate = int(runtime.settings.INPUT_SAMPLE_RATE)
@@ -114,13 +118,15 @@ class RuntimeVideoGenerator(VideoGenerator):
         self.stats = FrameStats()
 
     @classmethod
-    async def create(cls, runtime: AvatarRuntime) -> RuntimeVideoGenerator:
+    async def create(cls, runtime: AvatarRuntime, *, live: bool = False) -> RuntimeVideoGenerator:
+        """``live=True`` for a consumer that paces frames by its own clock (LiveKit's
+        AvatarRunner); see :meth:`_stream` for what that changes."""
         first = await asyncio.to_thread(runtime.get_first_frame)
         if first is None or getattr(first, "ndim", 0) != 3:
             raise RuntimeLoadError(
                 "the avatar runtime produced no first frame; is the model valid?"
             )
-        return cls(runtime, width=int(first.shape[1]), height=int(first.shape[0]))
+        return cls(runtime, width=int(first.shape[1]), height=int(first.shape[0]), live=live)
 
     @property
     def runtime(self) -> AvatarRuntime:
@@ -154,11 +160,21 @@ class RuntimeVideoGenerator(VideoGenerator):
     async def _stream(
         self,
     ) -> AsyncGenerator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd, None]:
-        stats, period = self.stats, 1.0 / self._fps
+        """The runtime's frames, video then audio. Live, after a stall (the event loop blocked,
+        say) the runtime catches up with a burst of late frames; LiveKit's synchroniser gives
+        up catching up past 300 ms, so those pictures would sit in its video queue, and every
+        later frame's audio behind them, for the rest of the session (+40 ms per frame of
+        backlog, measured by ``bench/bench_latency.py``). So a picture that is both more than
+        a period late and part of a burst is not sent; its audio is, and the mouth catches up
+        with the next picture."""
+        stats, period, live = self.stats, 1.0 / self._fps, self._live
         clock_start, ticks = time.monotonic(), 0
+        arrived = -1.0
         async for frame in self._runtime.run():
             # render lag: how far behind the frame clock this frame arrived
-            lag = time.monotonic() - (clock_start + ticks * period)
+            now = time.monotonic()
+            burst, arrived = now - arrived < period / 2, now
+            lag = now - (clock_start + ticks * period)
             ticks += 1
             if lag > 1.0 or lag < -period:  # the runtime resynced its clock: follow it
                 clock_start, ticks, lag = time.monotonic() - period, 1, 0.0
@@ -167,7 +183,10 @@ class RuntimeVideoGenerator(VideoGenerator):
             if lag > period:
                 stats.late += 1
             if frame.bgr_image is not None:
-                yield self._convert(frame.bgr_image)
+                if live and burst and lag > period:
+                    stats.stale += 1
+                else:
+                    yield self._convert(frame.bgr_image)
             chunk = frame.audio_chunk
             if chunk is not None:
                 samples = chunk.array

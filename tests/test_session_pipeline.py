@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -259,3 +260,45 @@ async def test_closing_mid_reply_never_hangs(first, model_file, fake_bithuman):
     assert finished and finished[-1].interrupted, "the cut-off reply was reported interrupted"
     assert finished[-1].playback_position < 5.0
     assert fake_bithuman.created[0].cleaned_up == 1
+
+
+async def test_a_stalled_event_loop_leaves_no_lasting_audio_delay(
+    tmp_path, fake_bithuman, monkeypatch
+):
+    """A blocking call in the agent's process stalls everything; afterwards the runtime
+    catches up with a burst of late frames. Those must not stay queued in front of every
+    later reply's audio for the rest of the session."""
+    model_file = write_fake_model(tmp_path / "m.imx", frame_size=(320, 240))
+    avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(320, 240))
+    entered: list[float] = []
+    published: list[float] = []
+    original = rtc.AudioSource.capture_frame
+
+    async def capture(self: rtc.AudioSource, frame: rtc.AudioFrame) -> None:
+        if len(published) < len(entered) and np.abs(np.frombuffer(frame.data, np.int16)).max():
+            published.append(time.perf_counter())
+        await original(self, frame)
+
+    monkeypatch.setattr(rtc.AudioSource, "capture_frame", capture)
+    async with running(avatar) as (session, room, capture_):
+        sink = avatar._audio_sink
+        into_sink = sink.capture_frame
+
+        async def entering(frame: rtc.AudioFrame) -> None:
+            if len(entered) == len(published):
+                entered.append(time.perf_counter())
+            await into_sink(frame)
+
+        await asyncio.sleep(0.5)
+        time.sleep(0.3)  # the stall
+        await asyncio.sleep(0.5)
+        sink.capture_frame = entering  # type: ignore[method-assign]
+        for _ in range(5):
+            handle = session.say("reply", audio=sine_frames(0.2), add_to_chat_ctx=False)
+            await asyncio.wait_for(handle.wait_for_playout(), 10)
+            await asyncio.sleep(0.2 + 0.1 * random.random())
+    delays = sorted((p - e) * 1000 for e, p in zip(entered, published, strict=False))
+    assert len(delays) == 5
+    # a paced renderer adds 0-40 ms (the frame clock's phase); each queued frame of a burst
+    # adds 40 more (median 75 ms here before stale pictures were skipped)
+    assert delays[2] < 50, delays

@@ -102,7 +102,7 @@ class AvatarWorker:
         """Load the avatar and join the room; raises if either fails (nothing is left running)."""
         try:
             self._opened = await self._opener(self.agent_id, self.model)
-            generator = await RuntimeVideoGenerator.create(self._opened.runtime)
+            generator = await RuntimeVideoGenerator.create(self._opened.runtime, live=True)
             self._generator = generator
             self.room = self._room_factory()
             if self._token is not None:  # else the room came connected (a LiveKit job's)
