@@ -8,6 +8,9 @@ replies, back to back) into the duck-typed room through
 * ``none``: a plain audio sink played in real time, no avatar (the floor);
 * ``ours``: ``AvatarSession(runtime=...)`` of this package;
 * ``official``: ``livekit.plugins.bithuman.AvatarSession(runtime=...)`` in local mode;
+* ``floor``: LiveKit's own ``AvatarRunner`` fed by the least a video generator can do (one
+  prebuilt RGB frame, the session's audio cut into frames): what any avatar built on LiveKit's
+  runner pays, whatever its plugin does;
 
 both avatars driven by the same zero-cost runtime (precomputed frames, paced at 25 FPS). The
 process's CPU time (user + system, every thread, LiveKit's native ones included) over the
@@ -51,6 +54,55 @@ def tone(seconds: float, rate: int = 16000):
     return gen
 
 
+def floor_generator(width: int, height: int):
+    """A video generator with no work of its own: the same RGB frame every period, and the
+    audio it was given, one frame's worth at a time."""
+    from livekit.agents.voice.avatar import AudioSegmentEnd, VideoGenerator
+
+    from livekit import rtc
+
+    class Floor(VideoGenerator):
+        def __init__(self) -> None:
+            self._frame = rtc.VideoFrame(
+                width, height, rtc.VideoBufferType.RGB24, bytearray(width * height * 3)
+            )
+            self._audio = bytearray()
+            self._ended = False
+
+        async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
+            if isinstance(frame, AudioSegmentEnd):
+                self._ended = True
+            else:
+                self._audio += frame.data.cast("b")
+
+        def clear_buffer(self) -> None:
+            self._audio.clear()
+
+        def __aiter__(self):  # type: ignore[no-untyped-def]
+            return self._frames()
+
+        async def _frames(self):  # type: ignore[no-untyped-def]
+            loop = asyncio.get_running_loop()
+            due, chunk = loop.time(), 16000 // 25 * 2
+            while True:
+                yield self._frame
+                if len(self._audio) >= chunk:
+                    data = bytes(self._audio[:chunk])
+                    del self._audio[:chunk]
+                    yield rtc.AudioFrame(data, 16000, 1, chunk // 2)
+                elif self._ended:
+                    if self._audio:
+                        data = bytes(self._audio)
+                        self._audio.clear()
+                        yield rtc.AudioFrame(data, 16000, 1, len(data) // 2)
+                    self._ended = False
+                    yield AudioSegmentEnd()
+                due += 0.04
+                await asyncio.sleep(max(0.0, due - loop.time()))
+
+    return Floor()
+
+
 async def child(kind: str, seconds: float, width: int, height: int) -> dict[str, float]:
     from livekit.agents import Agent, AgentSession
     from livekit.agents.voice.avatar import AudioSegmentEnd, QueueAudioOutput
@@ -66,6 +118,24 @@ async def child(kind: str, seconds: float, width: int, height: int) -> dict[str,
 
         avatar = AvatarSession(runtime=ZeroCostRuntime(width, height))
         await avatar.start(session, room=room)
+    elif kind == "floor":
+        from livekit.agents.voice.avatar import AvatarOptions, AvatarRunner
+
+        output = QueueAudioOutput(sample_rate=16000)
+        session.output.audio = output
+        runner = AvatarRunner(
+            room,  # type: ignore[arg-type]
+            audio_recv=output,
+            video_gen=floor_generator(width, height),
+            options=AvatarOptions(
+                video_width=width,
+                video_height=height,
+                video_fps=25,
+                audio_sample_rate=16000,
+                audio_channels=1,
+            ),
+        )
+        await runner.start()
     elif kind == "official":
         from livekit.plugins import bithuman
 
@@ -125,13 +195,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", default="1280x720")
-    parser.add_argument("--child", choices=["none", "ours", "official"])
+    parser.add_argument("--child", choices=["none", "floor", "ours", "official"])
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     if args.child:
         print(json.dumps(asyncio.run(child(args.child, args.seconds, width, height))))
         return
-    kinds = ("none", "ours", "official")
+    kinds = ("none", "floor", "ours", "official")
     shares: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.runs):  # interleaved, so drift on the machine hits all three alike
         for kind in kinds:
@@ -142,9 +212,15 @@ def main() -> None:
         values = ", ".join(f"{v:.1f}" for v in shares[kind])
         print(f"{kind:>9}: {med[kind]:5.1f} % of a core (runs: {values})")
     ours, official = med["ours"] - med["none"], med["official"] - med["none"]
+    floor = med["floor"] - med["none"]
     print(f"plugin cost per avatar: ours {ours:.1f} %, livekit-plugins-bithuman {official:.1f} %")
     if official > 0:
         print(f"ratio (ours / official): {ours / official:.2f}")
+    print(
+        f"LiveKit's avatar runner alone (floor): {floor:.1f} %; above it: ours "
+        f"{ours - floor:.1f} %, livekit-plugins-bithuman {official - floor:.1f} %"
+        + (f" (ratio {(ours - floor) / (official - floor):.2f})" if official > floor else "")
+    )
 
 
 if __name__ == "__main__":
