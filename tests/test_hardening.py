@@ -390,3 +390,23 @@ def test_render_into_a_directory_is_one_line(tmp_path: Path):
     result = cli("render", "demo", "-o", str(tmp_path))
     assert result.returncode != 0
     assert "is a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_storage_failure_never_shows_the_signature(tmp_path):
+    from livekit_plugins_avatarhub._retry import RetryPolicy
+    from livekit_plugins_avatarhub.download import download, storage_client
+    from livekit_plugins_avatarhub.exceptions import APIConnectionError
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/files/m.imx?X-Signature=s3cr3tsig"
+    async with storage_client(5, RateRule()) as storage:
+        with pytest.raises(APIConnectionError) as failed:
+            await download(
+                storage, url, tmp_path / "m.imx", retry=RetryPolicy(attempts=2, base_delay=0.01)
+            )
+    message = str(failed.value)
+    assert "after 2 attempts" in message and "Connect" in message, "the cause is named"
+    assert "s3cr3tsig" not in message
+    assert not list(tmp_path.iterdir()), "no partial file left"
