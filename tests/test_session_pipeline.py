@@ -270,12 +270,16 @@ async def test_a_stalled_event_loop_leaves_no_lasting_audio_delay(
     later reply's audio for the rest of the session."""
     model_file = write_fake_model(tmp_path / "m.imx", frame_size=(320, 240))
     avatar = AvatarSession(model_path=model_file, api_secret=SECRET, output_size=(320, 240))
-    entered: list[float] = []
-    published: list[float] = []
+    entered: list[float] = []  # each reply's first audio frame entering the avatar
+    published: list[float] = []  # the first loud audio after it reaching LiveKit
+    new_reply = [False]
     original = rtc.AudioSource.capture_frame
 
+    def loud(frame: rtc.AudioFrame) -> bool:
+        return int(np.abs(np.frombuffer(frame.data, np.int16)).max()) > 3000
+
     async def capture(self: rtc.AudioSource, frame: rtc.AudioFrame) -> None:
-        if len(published) < len(entered) and np.abs(np.frombuffer(frame.data, np.int16)).max():
+        if len(published) < len(entered) and loud(frame):
             published.append(time.perf_counter())
         await original(self, frame)
 
@@ -285,7 +289,8 @@ async def test_a_stalled_event_loop_leaves_no_lasting_audio_delay(
         into_sink = sink.capture_frame
 
         async def entering(frame: rtc.AudioFrame) -> None:
-            if len(entered) == len(published):
+            if new_reply[0] and loud(frame):
+                new_reply[0] = False
                 entered.append(time.perf_counter())
             await into_sink(frame)
 
@@ -294,11 +299,12 @@ async def test_a_stalled_event_loop_leaves_no_lasting_audio_delay(
         await asyncio.sleep(0.5)
         sink.capture_frame = entering  # type: ignore[method-assign]
         for _ in range(5):
+            new_reply[0] = True
             handle = session.say("reply", audio=sine_frames(0.2), add_to_chat_ctx=False)
             await asyncio.wait_for(handle.wait_for_playout(), 10)
             await asyncio.sleep(0.2 + 0.1 * random.random())
-    delays = sorted((p - e) * 1000 for e, p in zip(entered, published, strict=False))
-    assert len(delays) == 5
+    assert len(entered) == len(published) == 5
+    delays = sorted((p - e) * 1000 for e, p in zip(entered, published, strict=True))
     # a paced renderer adds 0-40 ms (the frame clock's phase); each queued frame of a burst
     # adds 40 more (median 75 ms here before stale pictures were skipped)
     assert delays[2] < 50, delays
