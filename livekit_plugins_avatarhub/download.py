@@ -70,7 +70,9 @@ def storage_client(timeout: float, rule: RateRule) -> aiohttp.ClientSession:
     the socket has buffered, at about half httpx's CPU per MB (``bench/bench_hub.py``)."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=tls_context()),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=rule.window),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=timeout, sock_read=rule.window
+        ),
         auto_decompress=False,
         read_bufsize=CHUNK_SIZE,  # fewer, larger reads; the socket is paused less often
         trust_env=True,  # HTTPS_PROXY and NO_PROXY, as httpx honours them
