@@ -313,9 +313,8 @@ async def _fetch(
                         raise _Restart
                     logger.info("resuming the download at byte %d", written)
                 if not written:
-                    length = response.headers.get("content-length")
-                    if status == 200 and length and length.isdigit():
-                        total = total if total is not None else int(length)
+                    if status == 200 and total is None:
+                        total = _length(response)
                     etag = response.headers.get("etag")
                     modified = response.headers.get("last-modified")
                 # chunks are what the socket had buffered; they are written and hashed in

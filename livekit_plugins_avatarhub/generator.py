@@ -177,7 +177,7 @@ class RuntimeVideoGenerator(VideoGenerator):
             lag = now - (clock_start + ticks * period)
             ticks += 1
             if lag > 1.0 or lag < -period:  # the runtime resynced its clock: follow it
-                clock_start, ticks, lag = time.monotonic() - period, 1, 0.0
+                clock_start, ticks, lag = now - period, 1, 0.0
             stats.frames += 1
             stats.lag = max(0.0, lag)
             if lag > period:
