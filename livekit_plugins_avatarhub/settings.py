@@ -41,7 +41,7 @@ DOWNLOADABLE_FAMILIES = ("essence-1", "essence-2", "expression-2")
 def tls_context() -> ssl.SSLContext:
     """One verifying TLS context per process for every HTTP client here: building one loads the
     CA bundle (~20 ms), which each new client would otherwise pay again."""
-    import certifi  # what httpx verifies against by default (a dependency of httpx)
+    import certifi  # what httpx verifies against by default
 
     return ssl.create_default_context(cafile=certifi.where())
 
