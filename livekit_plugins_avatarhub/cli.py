@@ -334,11 +334,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .exceptions import ConfigurationError
     from .loader import open_avatar, split_source
-    from .render import PRESETS, SAMPLE_AUDIO, render
+    from .render import SAMPLE_AUDIO, check_encoder, render
 
-    if args.preset not in PRESETS:
-        raise SystemExit(f"error: --preset must be one of {', '.join(PRESETS)}")
+    try:
+        check_encoder(args.preset, args.crf)
+    except ConfigurationError as err:
+        raise SystemExit(f"error: --{err}") from None
     audio = Path(args.audio) if args.audio else SAMPLE_AUDIO
     width, height = _parse_size(args.size)
 

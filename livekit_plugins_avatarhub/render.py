@@ -43,6 +43,14 @@ PRESETS = (
 )
 
 
+def check_encoder(preset: str, crf: int) -> None:
+    """libx264's options, checked before anything is loaded."""
+    if preset not in PRESETS:
+        raise ConfigurationError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise ConfigurationError(f"crf must be a whole number from 0 to 51, not {crf!r}")
+
+
 @dataclass(frozen=True)
 class RenderResult:
     path: Path
@@ -87,11 +95,7 @@ async def render(
 
     ``crf`` (0-51, lower is better and larger) and ``preset`` (:data:`PRESETS`) are libx264's.
     """
-    if preset not in PRESETS:
-        raise ConfigurationError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
-    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
-        raise ConfigurationError(f"crf must be a whole number from 0 to 51, not {crf!r}")
-
+    check_encoder(preset, crf)
     generator = await RuntimeVideoGenerator.create(runtime)
     rate = generator.audio_sample_rate
     fps = generator.video_fps
