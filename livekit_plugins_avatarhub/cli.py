@@ -182,6 +182,8 @@ def _api_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import settings
+
     parser = argparse.ArgumentParser(
         prog="python -m livekit_plugins_avatarhub",
         description="bitHuman avatars for LiveKit: fetch, list and render avatars.",
@@ -224,15 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT (default: 1280x720)")
     p.add_argument(
         "--preset",
-        default="veryfast",
-        help="libx264 preset: ultrafast ... veryslow (default: veryfast); faster presets "
+        default=settings.DEFAULT_RENDER_PRESET,
+        help="libx264 preset: ultrafast ... veryslow (default: %(default)s); faster presets "
         "encode sooner into larger files",
     )
     p.add_argument(
         "--crf",
         type=_crf,
-        default=23,
-        help="libx264 quality, 0-51, lower is better and larger (default: 23)",
+        default=settings.DEFAULT_RENDER_CRF,
+        help="libx264 quality, 0-51, lower is better and larger (default: %(default)s)",
     )
     p.add_argument("--model", help="model family when AVATAR is an agent code")
     _api_options(p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from livekit import rtc
 from .exceptions import ConfigurationError, ModelFileError
 from .generator import RuntimeVideoGenerator
 from .runtime import AvatarRuntime
+from .settings import DEFAULT_RENDER_CRF, DEFAULT_RENDER_PRESET
 
 SAMPLE_AUDIO = Path(__file__).with_name("assets") / "hello.wav"
 _PUSH_MS = 20
@@ -87,8 +89,8 @@ async def render(
     audio: Path,
     output: Path,
     *,
-    crf: int = 23,
-    preset: str = "veryfast",
+    crf: int = DEFAULT_RENDER_CRF,
+    preset: str = DEFAULT_RENDER_PRESET,
     on_frame: Callable[[int, int], None] | None = None,
 ) -> RenderResult:
     """Render ``audio`` through ``runtime`` into ``output`` (MP4). ``on_frame(done, total)``.
@@ -121,9 +123,11 @@ async def render(
     await generator.push_audio(AudioSegmentEnd())
 
     encoder = await asyncio.to_thread(_Mp4Writer, partial, width, height, fps, rate, crf, preset)
-    # one encoder thread, fed in order while the next frame is drawn: drawing and encoding
-    # overlap instead of taking turns
-    pipeline = _Pipeline(PIPELINE_DEPTH)
+    # one thread per stream, each fed in order while the next frame is drawn: drawing, H.264
+    # and AAC overlap instead of taking turns; a failure on either stops both
+    failed = threading.Event()
+    video_line = _Pipeline(PIPELINE_DEPTH, failed)
+    audio_line = _Pipeline(PIPELINE_DEPTH, failed)
     frames = 0
     try:
         async for item in generator:
@@ -131,17 +135,19 @@ async def render(
                 break
             if isinstance(item, rtc.VideoFrame):
                 # converted here, so the generator's reused buffer is free once this returns
-                await pipeline.submit(encoder.video, encoder.to_i420(item.data))
+                await video_line.submit(encoder.video, encoder.to_i420(item.data))
                 frames += 1
                 if on_frame is not None:
                     on_frame(frames, expected_frames)
             elif isinstance(item, rtc.AudioFrame):
-                await pipeline.submit(encoder.audio, bytes(item.data))
-        await pipeline.submit(encoder.close)
-        await pipeline.drain()
+                await audio_line.submit(encoder.audio, bytes(item.data))
+        await audio_line.drain()
+        await video_line.submit(encoder.close)
+        await video_line.drain()
         await asyncio.to_thread(os.replace, partial, output)
     finally:
-        await pipeline.close()  # nothing touches the encoder after this
+        # nothing touches the encoder after this
+        await asyncio.gather(video_line.close(), audio_line.close())
         encoder.abort()
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
@@ -150,22 +156,23 @@ async def render(
 
 
 class _Pipeline:
-    """Calls run in submission order on one worker thread, at most ``depth`` waiting. After a
-    call fails, the calls queued behind it are skipped: nothing touches a broken encoder."""
+    """Calls run in submission order on one worker thread, at most ``depth`` waiting. Once a
+    call fails (here or on a pipeline sharing ``failed``), the calls not yet started are
+    skipped: nothing touches a broken encoder."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, failed: threading.Event) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatarhub-render")
         self._pending: deque[asyncio.Future[None]] = deque()
         self._depth = depth
-        self._failed = False
+        self._failed = failed
 
     def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-        if self._failed:
+        if self._failed.is_set():
             return
         try:
             fn(*args)
         except BaseException:
-            self._failed = True
+            self._failed.set()
             raise
 
     async def submit(self, fn: Callable[..., None], *args: Any) -> None:
@@ -188,8 +195,9 @@ class _Pipeline:
 
 
 class _Mp4Writer:
-    """H.264 + AAC muxing with PyAV; the methods that encode block, so they run on the
-    pipeline's thread, one at a time."""
+    """H.264 + AAC muxing with PyAV. The methods that encode block, so they run on worker
+    threads: ``video`` on one, ``audio`` on another (separate codecs), the muxer shared under
+    a lock."""
 
     def __init__(
         self, path: Path, width: int, height: int, fps: int, rate: int, crf: int, preset: str
@@ -207,6 +215,7 @@ class _Mp4Writer:
         self._frames = 0
         self._samples = 0
         self._open = True
+        self._mux = threading.Lock()
 
     def to_i420(self, rgb: Any) -> np.ndarray:
         """The encoder's own format, converted by OpenCV (SIMD) rather than by swscale."""
@@ -220,7 +229,9 @@ class _Mp4Writer:
         frame = self._av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self._frames
         self._frames += 1
-        self._container.mux(self._video.encode(frame))
+        packets = self._video.encode(frame)
+        with self._mux:
+            self._container.mux(packets)
 
     def audio(self, pcm: bytes) -> None:
         samples = np.frombuffer(pcm, np.int16).reshape(1, -1)
@@ -228,16 +239,21 @@ class _Mp4Writer:
         frame.sample_rate = self._rate
         frame.pts = self._samples
         self._samples += samples.shape[1]
-        self._container.mux(self._audio.encode(frame))
+        packets = self._audio.encode(frame)
+        with self._mux:
+            self._container.mux(packets)
 
     def close(self) -> None:
-        self._container.mux(self._video.encode(None))
-        self._container.mux(self._audio.encode(None))
-        self._container.close()
-        self._open = False
+        with self._mux:
+            self._container.mux(self._video.encode(None))
+            self._container.mux(self._audio.encode(None))
+            self._container.close()
+            self._open = False
 
     def abort(self) -> None:
-        if self._open:
+        with self._mux:
+            if not self._open:
+                return
             self._open = False
             with contextlib.suppress(Exception):
                 self._container.close()

@@ -20,6 +20,10 @@ DEFAULT_API_BASE = "https://api.bithuman.ai"
 DEMO_AVATAR_ID = "demo"
 DEFAULT_FRESH_FOR = 24 * 3600.0
 DEFAULT_CACHE_GB = 10.0
+# libx264 for `render`: superfast at CRF 26 encodes faster than veryfast at 23 with higher PSNR
+# and SSIM and its deblocking filter kept, into a larger file (bench/bench_render.py)
+DEFAULT_RENDER_PRESET = "superfast"
+DEFAULT_RENDER_CRF = 26
 
 # match with fullmatch(): "$" would also accept a trailing newline
 AVATAR_ID_PATTERN = re.compile(r"[A-Z][A-Z0-9]{9}")

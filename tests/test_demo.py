@@ -149,6 +149,37 @@ async def test_an_encoder_failure_mid_render_leaves_no_file(tmp_path, monkeypatc
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+async def test_an_audio_encoder_failure_stops_the_video_encoder_too(tmp_path, monkeypatch):
+    """Audio and video encode on separate threads; a failure on either stops both."""
+    from livekit_plugins_avatarhub import render as render_module
+
+    events: list[str] = []
+    video, audio = render_module._Mp4Writer.video, render_module._Mp4Writer.audio
+
+    def counted_video(self, yuv):
+        events.append("video")
+        video(self, yuv)
+
+    def failing_audio(self, pcm):
+        if events.count("audio") == 30:
+            events.append("failed")
+            raise OSError(28, "No space left on device")
+        events.append("audio")
+        audio(self, pcm)
+
+    monkeypatch.setattr(render_module._Mp4Writer, "video", counted_video)
+    monkeypatch.setattr(render_module._Mp4Writer, "audio", failing_audio)
+    runtime = await DemoRuntime.create(output_size=(W, H), realtime=False)
+    out = tmp_path / "out.mp4"
+    with pytest.raises(OSError, match="No space left"):
+        await render_module.render(runtime, SAMPLE_AUDIO, out)
+    after = events[events.index("failed") + 1 :]
+    assert "audio" not in after
+    assert after.count("video") <= 1, "at most the video call already running finished"
+    assert events.count("video") < 100, "the render stopped, it did not run to the end"
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("content", [None, b"definitely not audio"])
 def test_render_bad_audio_is_a_clear_error(tmp_path, capsys, content):
     audio = tmp_path / "in.wav"
