@@ -1,16 +1,20 @@
-"""Streaming a model file to disk: resumable, verified, and atomic.
+"""Streaming a model file to disk: resumable, verified, atomic, and off the event loop.
 
-The bytes go to a uniquely named ``.incomplete`` file beside the destination. They are gathered
-into batches of about 1 MB, and each batch is hashed and written by one worker-thread job while
-the event loop goes on receiving the next (one batch in flight: the network, the hash and the
-disk overlap, and no byte is joined or copied). The file is checked against the announced size
-and sha256, and only then gets the final name with ``os.replace``. A file whose
-completeness cannot be established (neither a sha256 nor a length announced) is never kept.
-A dropped connection resumes with ``Range`` when the server answers 206 with a matching
-``Content-Range``; a 200 to a Range request, or a 416, starts over. A link that expires mid-way
-(401/403) is renewed once through ``refresh`` and the download resumes. Every redirect hop is
-checked like the first URL, and a download slower than ``min_rate`` over ``stall_window``
-seconds fails. Any failure removes the partial file.
+Each download has two threads of its own. One receives the body with urllib3 (a read returns
+what the socket holds, up to 1 MB) and hashes each piece; the other writes the pieces in order,
+at most two waiting. The network, the hash and the disk overlap, no byte is copied or joined in
+Python, and the event loop carries none of the model's bytes: an agent rendering avatars in the
+same process keeps its loop while a model downloads. Cancelling the download shuts the socket,
+so a blocked read ends at once.
+
+The bytes go to a uniquely named ``.incomplete`` file beside the destination. The file is
+checked against the announced size and sha256, and only then gets the final name with
+``os.replace``. A file whose completeness cannot be established (neither a sha256 nor a length
+announced) is never kept. A dropped connection resumes with ``Range`` when the server answers
+206 with a matching ``Content-Range``; a 200 to a Range request, or a 416, starts over. A link
+that expires mid-way (401/403) is renewed once through ``refresh`` and the download resumes.
+Every redirect hop is checked like the first URL, and a download slower than ``min_rate`` over
+``stall_window`` seconds fails. Any failure removes the partial file.
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+from urllib.parse import urljoin
 
-import aiohttp
 import httpx
-from yarl import URL
+import urllib3
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ReadTimeoutError
 
 from ._retry import RetryPolicy
 from .cache import INCOMPLETE_SUFFIX, cache_error
@@ -46,6 +56,8 @@ from .log import logger
 from .settings import tls_context
 
 CHUNK_SIZE = 1 << 20
+#: pieces handed to the writing thread and not yet on disk
+IN_FLIGHT = 2
 MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -54,6 +66,7 @@ _QUERY = re.compile(r"\?[^\s'\"<>]*")
 Progress = Callable[[int, int | None], None]
 #: a fresh download URL from the API, when the one in use has expired
 Refresh = Callable[[], Awaitable[str]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,42 +77,82 @@ class RateRule:
     window: float = 30.0
 
 
-def storage_client(timeout: float, rule: RateRule) -> aiohttp.ClientSession:
-    """A session for the storage host: no credentials, and redirects followed by :func:`_get`,
-    which checks every hop. aiohttp, not httpx, carries the model bytes: it hands over whatever
-    the socket has buffered, at about half httpx's CPU per MB (``bench/bench_hub.py``)."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=tls_context()),
-        timeout=aiohttp.ClientTimeout(
-            total=None, connect=timeout, sock_connect=timeout, sock_read=rule.window
-        ),
-        auto_decompress=False,
-        read_bufsize=CHUNK_SIZE,  # fewer, larger reads; the socket is paused less often
-        trust_env=True,  # HTTPS_PROXY and NO_PROXY, as httpx honours them
-    )
+class Storage:
+    """Connections to the storage hosts, used from worker threads.
+
+    No credentials of the bitHuman API ever go through it. Proxies come from the environment
+    (``HTTPS_PROXY``, ``NO_PROXY``) as httpx takes them; redirects are followed by :meth:`open`,
+    which checks every hop. A read waits at most ``rule.window`` seconds for a byte.
+    """
+
+    def __init__(self, timeout: float, rule: RateRule) -> None:
+        self.rule = rule
+        self._options: dict[str, object] = {
+            "ssl_context": tls_context(),
+            "timeout": urllib3.Timeout(connect=timeout, read=rule.window),
+            "retries": False,
+        }
+        self._direct = urllib3.PoolManager(**self._options)  # type: ignore[arg-type]
+        self._env = urllib.request.getproxies_environment()
+        self._proxied: dict[str, urllib3.ProxyManager] = {}
+        self._lock = threading.Lock()
+
+    def _manager(self, url: str) -> urllib3.PoolManager:
+        parsed = urllib3.util.parse_url(url)
+        proxy = self._env.get(parsed.scheme or "")
+        if not proxy or urllib.request.proxy_bypass(parsed.host or ""):
+            return self._direct
+        with self._lock:
+            manager = self._proxied.get(proxy)
+            if manager is None:
+                auth = urllib3.util.parse_url(proxy).auth
+                headers = urllib3.make_headers(proxy_basic_auth=auth) if auth else None
+                manager = urllib3.ProxyManager(proxy, proxy_headers=headers, **self._options)  # type: ignore[arg-type]
+                self._proxied[proxy] = manager
+        return manager
+
+    def open(self, method: str, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+        """The response, body unread; redirects followed here, each hop checked like the first.
+
+        Blocking: call it on a worker thread. A pre-signed URL goes out as signed."""
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._manager(url).urlopen(
+                method,
+                url,
+                headers=headers,
+                redirect=False,
+                preload_content=False,
+                decode_content=False,
+            )
+            location = response.headers.get("location")
+            if response.status not in _REDIRECTS or not location:
+                return response
+            _discard(response)
+            url = urljoin(url, location)
+            check_download_url(url)
+        raise APIError(f"model storage redirected more than {MAX_REDIRECTS} times")
+
+    def close(self) -> None:
+        self._direct.clear()
+        for manager in self._proxied.values():
+            manager.clear()
+
+    async def __aenter__(self) -> Storage:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
 
 
-@asynccontextmanager
-async def _get(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str], *, method: str = "GET"
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """A request whose redirects are followed here, each hop checked like the first URL."""
-    for _ in range(MAX_REDIRECTS + 1):
-        # encoded=True: a pre-signed URL goes out exactly as signed, never re-quoted
-        response = await session.request(
-            method, URL(url, encoded=True), headers=headers, allow_redirects=False
-        )
-        location = response.headers.get("location")
-        if response.status not in _REDIRECTS or not location:
-            try:
-                yield response
-            finally:
-                response.release()
-            return
-        response.release()
-        url = str(response.url.join(URL(location, encoded=True)))
-        check_download_url(url)
-    raise APIError(f"model storage redirected more than {MAX_REDIRECTS} times")
+def storage_client(timeout: float, rule: RateRule) -> Storage:
+    """Connections for the storage host: no credentials, every redirect hop checked."""
+    return Storage(timeout, rule)
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Close a response whose body may be unread: its connection is not reused."""
+    response.close()
+    response.release_conn()
 
 
 @dataclass(frozen=True)
@@ -118,21 +171,25 @@ class RemoteFile:
 
 
 class _NoSignedQueries(logging.Filter):
-    """httpx logs every request's URL at INFO; a pre-signed storage URL's query is a credential,
-    so no URL in httpx's log lines keeps its query string."""
+    """httpx logs every request's URL at INFO, urllib3 at DEBUG; a pre-signed storage URL's
+    query is a credential, so no URL in their log lines keeps its query string."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                arg.copy_with(query=b"redacted")
-                if isinstance(arg, httpx.URL) and arg.query
-                else arg
-                for arg in record.args
-            )
+            record.args = tuple(_redacted(arg) for arg in record.args)
         return True
 
 
+def _redacted(arg: object) -> object:
+    if isinstance(arg, httpx.URL) and arg.query:
+        return arg.copy_with(query=b"redacted")
+    if isinstance(arg, str) and "?" in arg:
+        return _QUERY.sub("?redacted", arg)
+    return arg
+
+
 logging.getLogger("httpx").addFilter(_NoSignedQueries())
+logging.getLogger("urllib3.connectionpool").addFilter(_NoSignedQueries())
 
 
 def is_loopback(host: str) -> bool:
@@ -196,8 +253,12 @@ class _Expired(Exception):
         self.error = error
 
 
+class _Stopped(Exception):
+    """The download was cancelled from the event loop."""
+
+
 async def download(
-    client: aiohttp.ClientSession,
+    storage: Storage,
     url: str,
     dest: Path,
     *,
@@ -208,25 +269,22 @@ async def download(
     refresh: Refresh | None = None,
     rule: RateRule | None = None,
 ) -> Downloaded:
-    """Fetch ``url`` to ``dest``. ``client`` must carry no credentials of the bitHuman API
-    (make it with :func:`storage_client`)."""
+    """Fetch ``url`` to ``dest``. ``storage`` carries no credentials of the bitHuman API (make
+    it with :func:`storage_client`); ``progress`` is called on the event loop."""
     check_download_url(url)
     retry = retry or RetryPolicy()
-    rule = rule or RateRule()
     partial = dest.parent / f".{dest.name}.{secrets.token_hex(6)}{INCOMPLETE_SUFFIX}"
+    transfer = _Transfer(storage, rule or storage.rule, expected_size, progress)
     try:
         try:
-            f = await asyncio.to_thread(open, partial, "wb")
+            await transfer.run(transfer.create, partial)
         except OSError as err:
             raise cache_error(err, dest.parent, "write the model") from err
-        writer = _Writer(f, dest.parent)
         try:
-            result = await _fetch(
-                client, url, writer, expected_size, retry, progress, refresh, rule
-            )
+            await _fetch(transfer, url, retry, refresh)
         finally:
-            await writer.close()
-        written, digest, etag, modified, announced = result
+            await transfer.run(transfer.close)
+        written, digest, announced = transfer.written, transfer.hexdigest(), transfer.total
         if sha256 is None and expected_size is None and announced is None:
             raise IntegrityError(
                 f"{dest.name}: the storage announced neither a sha256 nor a length, so a cut-off "
@@ -245,105 +303,22 @@ async def download(
             await asyncio.to_thread(os.replace, partial, dest)
         except OSError as err:
             raise cache_error(err, dest.parent, "move the model into place") from err
-        return Downloaded(dest, written, digest, etag, modified)
+        return Downloaded(dest, written, digest, transfer.etag, transfer.modified)
     finally:
+        transfer.shutdown()
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(os.unlink, partial)
 
 
 async def _fetch(
-    client: aiohttp.ClientSession,
-    url: str,
-    writer: _Writer,
-    expected_size: int | None,
-    retry: RetryPolicy,
-    progress: Progress | None,
-    refresh: Refresh | None,
-    rule: RateRule,
-) -> tuple[int, str, str | None, str | None, int | None]:
-    written = 0
-    total = expected_size
-    etag = modified = None
+    transfer: _Transfer, url: str, retry: RetryPolicy, refresh: Refresh | None
+) -> None:
+    """Attempts until the body is whole: resumes, restarts, a renewed link, backoff."""
     failures = 0
-    loop = asyncio.get_running_loop()
-
-    async def restart() -> None:
-        nonlocal written
-        await writer.restart()
-        written = 0
-
-    async def store(batch: list[bytes]) -> None:
-        nonlocal written
-        await writer.put(batch)
-        written = writer.queued
-        if progress is not None:
-            progress(written, total)
-
     while True:
-        headers = {"accept-encoding": "identity"}
-        if written:
-            headers["range"] = f"bytes={written}-"
         try:
-            async with _get(client, url, headers) as response:
-                status = response.status
-                if status == 416:
-                    logger.info("server refused to resume (416); restarting the download")
-                    raise _Restart
-                if status in (401, 403) and refresh is not None:
-                    raise _Expired(_http_error(status))
-                if status >= 400:
-                    error = _http_error(status)
-                    if not error.retryable:
-                        raise error
-                    raise _Interrupted(str(error))
-                if written and status == 200:
-                    logger.info("server ignored the Range request; restarting the download")
-                    await restart()
-                elif written and status == 206:
-                    match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
-                    if (
-                        not match
-                        or int(match.group(1)) != written
-                        or (
-                            total is not None
-                            and match.group(3) != "*"
-                            and int(match.group(3)) != total
-                        )
-                    ):
-                        raise _Restart
-                    logger.info("resuming the download at byte %d", written)
-                if not written:
-                    if status == 200 and total is None:
-                        total = _length(response)
-                    etag = response.headers.get("etag")
-                    modified = response.headers.get("last-modified")
-                # chunks are what the socket had buffered; they are written and hashed in
-                # batches of about CHUNK_SIZE, one thread hop each, without joining
-                batch: list[bytes] = []
-                pending = 0
-                window_start, window_bytes = loop.time(), 0
-                try:
-                    async for chunk in response.content.iter_any():
-                        batch.append(chunk)
-                        pending += len(chunk)
-                        window_bytes += len(chunk)
-                        now = loop.time()
-                        if now - window_start >= rule.window:
-                            if window_bytes < rule.min_rate * (now - window_start):
-                                raise _too_slow(window_bytes, now - window_start, rule)
-                            window_start, window_bytes = now, 0
-                        if pending >= CHUNK_SIZE:
-                            await store(batch)
-                            batch, pending = [], 0
-                finally:
-                    # what arrived before a failure is good data: keep it for the resume
-                    if batch:
-                        await store(batch)
-                    await writer.wait()  # on disk before anything counts on it
-            if total is not None and written < total:
-                raise _Interrupted(f"connection closed after {written} of {total} bytes")
-            await writer.flush()
-            return written, writer.hexdigest(), etag, modified, total
+            await transfer.run(transfer.attempt, url, refresh is not None)
+            return
         except _Expired as expired:
             assert refresh is not None
             logger.info(
@@ -353,11 +328,11 @@ async def _fetch(
             url, refresh = await refresh(), None  # once: a second refusal is final
             check_download_url(url)
         except _Restart:
-            await restart()
+            await transfer.run(transfer.restart)
             failures += 1
-        except aiohttp.SocketTimeoutError:  # no byte for a whole stall window
-            raise _too_slow(0, rule.window, rule) from None
-        except (aiohttp.ClientError, _Interrupted) as err:  # aiohttp's timeouts included
+        except ReadTimeoutError:  # no byte for a whole stall window
+            raise _too_slow(0, transfer.rule.window, transfer.rule) from None
+        except (Urllib3Error, _Interrupted) as err:
             failures += 1
             if failures >= retry.attempts:
                 raise APIConnectionError(
@@ -366,7 +341,7 @@ async def _fetch(
             delay = retry.delay(failures - 1)
             logger.info(
                 "model download interrupted at %d bytes (%s); retrying in %.1fs",
-                written,
+                transfer.written,
                 type(err).__name__,
                 delay,
             )
@@ -378,6 +353,161 @@ async def _fetch(
             )
 
 
+class _Transfer:
+    """One download: its state, and the thread that receives and hashes the body.
+
+    Every method but :meth:`run`, :meth:`cancel` and :meth:`shutdown` runs on that thread.
+    ``written`` counts bytes hashed and handed to the writer; when a method returns they are on
+    disk, which is what a resume relies on.
+    """
+
+    def __init__(
+        self, storage: Storage, rule: RateRule, total: int | None, progress: Progress | None
+    ) -> None:
+        self.storage, self.rule, self.total = storage, rule, total
+        self.written = 0
+        self.etag: str | None = None
+        self.modified: str | None = None
+        self._hasher = hashlib.sha256()
+        self._writer: _Writer | None = None
+        self._progress = progress
+        self._loop = asyncio.get_running_loop()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="avatarhub-download")
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._response: urllib3.BaseHTTPResponse | None = None
+
+    # --- on the event loop
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn`` on the receiving thread. Cancelled, it stops the thread's work and waits for
+        it to let go of the file before the caller removes it."""
+        future = asyncio.wrap_future(self._thread.submit(fn, *args))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self.cancel()
+            await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # a stopped job's error is expected, and not reported
+            raise
+
+    def cancel(self) -> None:
+        self._stop.set()
+        with self._lock:
+            response = self._response
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.shutdown()  # a read blocked on the socket returns now
+
+    def shutdown(self) -> None:
+        self._thread.shutdown(wait=False)
+
+    def hexdigest(self) -> str:
+        return self._hasher.hexdigest()
+
+    # --- on the receiving thread
+
+    def create(self, path: Path) -> None:
+        self._writer = _Writer(open(path, "wb", buffering=0), path.parent)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def restart(self) -> None:
+        assert self._writer is not None
+        self._writer.rewind()
+        self._hasher, self.written = hashlib.sha256(), 0
+
+    def attempt(self, url: str, refreshable: bool) -> None:
+        """One request: the body from where the file ends, received, hashed and written."""
+        assert self._writer is not None
+        if self._stop.is_set():
+            raise _Stopped
+        headers = {"accept-encoding": "identity"}
+        if self.written:
+            headers["range"] = f"bytes={self.written}-"
+        response = self.storage.open("GET", url, headers)
+        with self._lock:
+            self._response = response
+        whole = False
+        try:
+            self._begin(response, refreshable)
+            self._receive(response)
+            whole = True
+        except Urllib3Error:
+            if self._stop.is_set():
+                raise _Stopped from None
+            raise
+        finally:
+            with self._lock:
+                self._response = None
+            if whole:
+                response.release_conn()
+            else:
+                _discard(response)
+            self._writer.wait()  # what arrived before a failure is good data: kept for a resume
+
+    def _begin(self, response: urllib3.BaseHTTPResponse, refreshable: bool) -> None:
+        """Whether the answer continues the file, starts it over, or is an error."""
+        status = response.status
+        if status == 416:
+            logger.info("server refused to resume (416); restarting the download")
+            raise _Restart
+        if status in (401, 403) and refreshable:
+            raise _Expired(_http_error(status))
+        if status >= 400:
+            error = _http_error(status)
+            if not error.retryable:
+                raise error
+            raise _Interrupted(str(error))
+        if self.written and status == 200:
+            logger.info("server ignored the Range request; restarting the download")
+            self.restart()
+        elif self.written and status == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+            if (
+                not match
+                or int(match.group(1)) != self.written
+                or (
+                    self.total is not None
+                    and match.group(3) != "*"
+                    and int(match.group(3)) != self.total
+                )
+            ):
+                raise _Restart
+            logger.info("resuming the download at byte %d", self.written)
+        if not self.written:
+            if status == 200 and self.total is None:
+                self.total = _length(response)
+            self.etag = response.headers.get("etag")
+            self.modified = response.headers.get("last-modified")
+
+    def _receive(self, response: urllib3.BaseHTTPResponse) -> None:
+        """Each read is what the socket holds (up to CHUNK_SIZE), so the rate is checked as
+        bytes come, however slowly they do."""
+        assert self._writer is not None
+        rule, put, progress = self.rule, self._writer.put, self._progress
+        window_start, window_bytes = time.monotonic(), 0
+        while chunk := response.read1(CHUNK_SIZE, decode_content=False):
+            if self._stop.is_set():
+                raise _Stopped
+            self._hasher.update(chunk)  # releases the GIL on large pieces, as do the writes
+            put(chunk)
+            self.written += len(chunk)
+            window_bytes += len(chunk)
+            if progress is not None:
+                self._loop.call_soon_threadsafe(progress, self.written, self.total)
+            now = time.monotonic()
+            if now - window_start >= rule.window:
+                if window_bytes < rule.min_rate * (now - window_start):
+                    raise _too_slow(window_bytes, now - window_start, rule)
+                window_start, window_bytes = now, 0
+        if self.total is not None and self.written < self.total:
+            raise _Interrupted(f"connection closed after {self.written} of {self.total} bytes")
+
+
 def _too_slow(received: int, seconds: float, rule: RateRule) -> APITimeoutError:
     return APITimeoutError(
         f"model download stalled: {received} bytes in {seconds:.0f}s, below the minimum of "
@@ -387,87 +517,83 @@ def _too_slow(received: int, seconds: float, rule: RateRule) -> APITimeoutError:
 
 
 class _Writer:
-    """Hashes and writes batches on one worker-thread job each, with one batch in flight.
-
-    ``put`` waits for the previous batch, then hands this one over and returns: the caller goes
-    back to the network while the thread hashes and writes. ``queued`` counts what was handed
-    over; after :meth:`wait` it is all on disk, which is what a resume relies on.
-    """
+    """Writes pieces in order on a thread of its own, at most ``IN_FLIGHT`` waiting: the
+    receiving thread goes back to the socket while the disk takes the last piece."""
 
     def __init__(self, f: BinaryIO, directory: Path) -> None:
         self._f, self._directory = f, directory
-        self._hasher = hashlib.sha256()
-        self._inflight: asyncio.Future[None] | None = None
-        self.queued = 0
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="avatarhub-write")
+        self._pending: deque[Future[None]] = deque()
 
-    def _write(self, batch: list[bytes]) -> None:
-        for chunk in batch:  # hashlib and file writes release the GIL on large buffers
-            self._hasher.update(chunk)
-            self._f.write(chunk)
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # an unbuffered write may take only part of it
+            view = view[self._f.write(view) :]
 
-    async def put(self, batch: list[bytes]) -> None:
-        await self.wait()
-        loop = asyncio.get_running_loop()
-        self._inflight = loop.run_in_executor(None, self._write, batch)
-        self.queued += sum(len(c) for c in batch)
+    def put(self, data: bytes) -> None:
+        if len(self._pending) >= IN_FLIGHT:
+            self._settle(1)
+        self._pending.append(self._thread.submit(self._write, data))
 
-    async def wait(self) -> None:
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            try:
-                await inflight
-            except OSError as err:
-                raise cache_error(err, self._directory, "write the model") from err
+    def wait(self) -> None:
+        self._settle(0)
 
-    async def restart(self) -> None:
-        await self.wait()
-
-        def rewind() -> None:
-            self._f.seek(0)
-            self._f.truncate()
-
-        await asyncio.to_thread(rewind)
-        self._hasher, self.queued = hashlib.sha256(), 0
-
-    async def flush(self) -> None:
-        await self.wait()
+    def _settle(self, keep: int) -> None:
+        """Wait until at most ``keep`` writes are pending; a failed one cancels the rest."""
         try:
-            await asyncio.to_thread(self._f.flush)
+            while len(self._pending) > keep:
+                self._pending.popleft().result()
         except OSError as err:
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
             raise cache_error(err, self._directory, "write the model") from err
 
-    def hexdigest(self) -> str:
-        return self._hasher.hexdigest()
+    def rewind(self) -> None:
+        self.wait()
+        self._f.seek(0)
+        self._f.truncate()
 
-    async def close(self) -> None:
+    def close(self) -> None:
         try:
-            await self.wait()
+            self.wait()
         finally:
-            await asyncio.to_thread(self._f.close)
+            self._thread.shutdown(wait=True, cancel_futures=True)
+            self._f.close()
 
 
-async def probe(client: aiohttp.ClientSession, url: str) -> RemoteFile:
+async def probe(storage: Storage, url: str) -> RemoteFile:
     """Size and ETag of ``url`` without its body: HEAD, else a one-byte ranged GET.
 
     Pre-signed storage URLs are often signed for GET only, so HEAD may be refused.
     """
     check_download_url(url)
     try:
-        async with _get(client, url, {}, method="HEAD") as response:
-            if response.status < 400:
-                return RemoteFile(_length(response), response.headers.get("etag"))
-        async with _get(client, url, {"range": "bytes=0-0"}) as response:
-            if response.status >= 400:
-                raise _http_error(response.status)
-            etag = response.headers.get("etag")
-            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
-            if response.status == 206 and match and match.group(3) != "*":
-                return RemoteFile(int(match.group(3)), etag)
-            return RemoteFile(_length(response) if response.status == 200 else None, etag)
-    except aiohttp.ClientError as err:
+        return await asyncio.to_thread(_probe, storage, url)
+    except Urllib3Error as err:
         raise APIConnectionError(f"model storage unreachable: {type(err).__name__}") from None
 
 
-def _length(response: aiohttp.ClientResponse) -> int | None:
+def _probe(storage: Storage, url: str) -> RemoteFile:
+    response = storage.open("HEAD", url, {})
+    try:
+        if response.status < 400:
+            return RemoteFile(_length(response), response.headers.get("etag"))
+    finally:
+        _discard(response)
+    response = storage.open("GET", url, {"range": "bytes=0-0"})
+    try:
+        if response.status >= 400:
+            raise _http_error(response.status)
+        etag = response.headers.get("etag")
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+        if response.status == 206 and match and match.group(3) != "*":
+            return RemoteFile(int(match.group(3)), etag)
+        return RemoteFile(_length(response) if response.status == 200 else None, etag)
+    finally:
+        _discard(response)
+
+
+def _length(response: urllib3.BaseHTTPResponse) -> int | None:
     length = response.headers.get("content-length")
     return int(length) if length and length.isdigit() else None

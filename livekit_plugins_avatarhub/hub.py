@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import aiohttp
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
@@ -34,6 +33,7 @@ from .download import (
     Downloaded,
     Progress,
     RateRule,
+    Storage,
     download,
     probe,
     public_location,
@@ -247,7 +247,7 @@ class ModelHub:
         return target
 
     async def _still_current(
-        self, storage: aiohttp.ClientSession, code: str, path: Path, info: ModelDownload
+        self, storage: Storage, code: str, path: Path, info: ModelDownload
     ) -> bool:
         record = await asyncio.to_thread(self.cache.read_record, code, path.name)
         size = (await asyncio.to_thread(path.stat)).st_size

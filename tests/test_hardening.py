@@ -8,6 +8,7 @@ unbounded wait or a traceback.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import os
@@ -15,8 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -174,6 +178,72 @@ async def test_a_trickling_download_fails_instead_of_holding_the_lock(bithuman_a
         await hub(bithuman_api, rate_rule=RateRule(min_rate=10 * 1024, window=0.5)).resolve(CODE)
     assert time.monotonic() - started < 10
     assert ModelCache().find(CODE) is None
+
+
+async def test_a_cancelled_download_stops_at_once_and_leaves_nothing(bithuman_api, clean_env):
+    bithuman_api.add_agent(CODE, size=1 << 20)
+    bithuman_api.slow_seconds = 60.0  # 16 pieces of 64 KB, one every 3.75 s
+    bithuman_api.storage_faults = ["slow"]
+    task = asyncio.create_task(hub(bithuman_api).resolve(CODE))
+    deadline = time.monotonic() + 20
+    while not any(p.stat().st_size for p in clean_env.rglob("*.incomplete")):
+        assert time.monotonic() < deadline, "the download never started"
+        await asyncio.sleep(0.05)
+    cancelled = time.monotonic()
+    task.cancel()  # as an agent's shutdown does; the next piece is seconds away
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - cancelled < 1.5, "a read blocked on the socket was ended"
+    assert not [p for p in clean_env.rglob("*") if p.is_file() and "incomplete" in p.name]
+    threads = [t for t in threading.enumerate() if t.name.startswith("avatarhub-")]
+    for thread in threads:
+        thread.join(timeout=2)
+        assert not thread.is_alive(), f"{thread.name} outlived the download"
+
+
+async def test_storage_downloads_go_through_the_proxy_in_the_environment(
+    bithuman_api, clean_env, monkeypatch
+):
+    agent = bithuman_api.add_agent(CODE)
+    relayed: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # a forward proxy: the request line holds the whole URL
+            relayed.append(self.path)
+            target = urlsplit(self.path)
+            upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+            skip = {"proxy-connection", "connection", "host"}
+            upstream.request(
+                "GET",
+                f"{target.path}?{target.query}" if target.query else target.path,
+                headers={k: v for k, v in self.headers.items() if k.lower() not in skip},
+            )
+            answer = upstream.getresponse()
+            body = answer.read()
+            self.send_response(answer.status)
+            for name, value in answer.getheaders():
+                if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    self.send_header(name, value)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_address[1]}")
+        path = await hub(bithuman_api).resolve(CODE)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert path.read_bytes() == agent.files["essence-1"]
+    storage = urlsplit(bithuman_api.storage_base).netloc
+    assert any(urlsplit(url).netloc == storage for url in relayed), "the model came via the proxy"
 
 
 async def test_a_slow_api_fails_at_its_deadline(bithuman_api):

@@ -274,7 +274,7 @@ async def test_disk_full_is_reported_and_leaves_nothing(bithuman_api, clean_env,
 
     bithuman_api.add_agent(CODE)
 
-    def full(self, batch):  # the worker thread's write meets a full disk
+    def full(self, data):  # the writing thread meets a full disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(download._Writer, "_write", full)
