@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import urljoin
 
 import httpx
@@ -58,6 +58,8 @@ from .settings import tls_context
 CHUNK_SIZE = 1 << 20
 #: pieces handed to the writing thread and not yet on disk
 IN_FLIGHT = 2
+#: how long a cancelled download waits for its thread to stop before the task lets go
+LET_GO_SECONDS = 0.5
 MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -257,6 +259,17 @@ class _Stopped(Exception):
     """The download was cancelled from the event loop."""
 
 
+class _Finished(Protocol):
+    def cancelled(self) -> bool: ...
+    def exception(self) -> BaseException | None: ...
+
+
+def _retrieved(future: _Finished) -> None:
+    """Marks a stopped job's error as seen: it is expected, and not worth a warning."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def download(
     storage: Storage,
     url: str,
@@ -283,7 +296,10 @@ async def download(
         try:
             await _fetch(transfer, url, retry, refresh)
         finally:
-            await transfer.run(transfer.close)
+            if transfer.stopped:  # cancelled: the thread closes the file when it lets go
+                transfer.close_soon()
+            else:
+                await transfer.run(transfer.close)
         written, digest, announced = transfer.written, transfer.hexdigest(), transfer.total
         if sha256 is None and expected_size is None and announced is None:
             raise IntegrityError(
@@ -387,9 +403,10 @@ class _Transfer:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             self.cancel()
-            await asyncio.wait([future])
-            if not future.cancelled():
-                future.exception()  # a stopped job's error is expected, and not reported
+            # a read shut down returns at once; a connect or a wait for the headers ends on
+            # its own within the storage's timeouts, and writes nothing once stopped
+            await asyncio.wait([future], timeout=LET_GO_SECONDS)
+            future.add_done_callback(_retrieved)
             raise
 
     def cancel(self) -> None:
@@ -400,6 +417,13 @@ class _Transfer:
             with contextlib.suppress(Exception):
                 response.shutdown()  # a read blocked on the socket returns now
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def close_soon(self) -> None:
+        self._thread.submit(self.close).add_done_callback(_retrieved)
+
     def shutdown(self) -> None:
         self._thread.shutdown(wait=False)
 
@@ -409,6 +433,8 @@ class _Transfer:
     # --- on the receiving thread
 
     def create(self, path: Path) -> None:
+        if self._stop.is_set():
+            raise _Stopped
         self._writer = _Writer(open(path, "wb", buffering=0), path.parent)
 
     def close(self) -> None:
@@ -433,6 +459,8 @@ class _Transfer:
             self._response = response
         whole = False
         try:
+            if self._stop.is_set():
+                raise _Stopped
             self._begin(response, refreshable)
             self._receive(response)
             whole = True

@@ -32,6 +32,7 @@ STORAGE_FAULTS = (
     "503",
     "slow",
     "trickle",  # a few bytes at a time, slower than any sane download
+    "mute",  # the connection is accepted, then nothing is said for slow_seconds
     "corrupt",
     "redirect:<url>",  # 302 to <url>
 )
@@ -335,6 +336,10 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                 fault = (
                     service.storage_faults.pop(0) if service.storage_faults and not head else None
                 )
+            if fault == "mute":
+                time.sleep(service.slow_seconds)
+                self.close_connection = True
+                return
             if head and service.refuse_head:
                 self.send_response(403)
                 self.send_header("content-length", "0")
