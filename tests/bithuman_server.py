@@ -24,6 +24,8 @@ SECRET = "sk-test-0123456789abcdef"
 STORAGE_FAULTS = (
     "truncate",  # half the body, then the connection closes
     "truncate_unannounced",  # the same with no Content-Length (a close-delimited body)
+    "chunked",  # Transfer-Encoding: chunked, no Content-Length (as CDNs often answer)
+    "chunked_truncate",  # chunked, half the body, then the connection closes without the last chunk
     "ignore_range",
     "401",
     "403",  # what object storage answers to a pre-signed link that has expired
@@ -382,6 +384,19 @@ def _handler(service: FakeBithumanService, role: str) -> type[BaseHTTPRequestHan
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 self.close_connection = True
+                return
+            if fault in ("chunked", "chunked_truncate"):
+                self.send_header("transfer-encoding", "chunked")
+                self.send_header("etag", etag)
+                self.end_headers()
+                sent = body if fault == "chunked" else body[: len(body) // 2]
+                for i in range(0, len(sent), 48 * 1024):
+                    piece = sent[i : i + 48 * 1024]
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                if fault == "chunked":
+                    self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                self.close_connection = fault != "chunked"
                 return
             self.send_header("content-length", str(len(body)))
             self.send_header("etag", etag)

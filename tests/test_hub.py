@@ -124,6 +124,22 @@ async def test_truncated_body_resumes_with_range(bithuman_api, clean_env):
     assert not leftovers(clean_env)
 
 
+async def test_chunked_bodies_are_read_whole_and_a_cut_one_resumes(bithuman_api, clean_env):
+    """A storage or CDN answering with Transfer-Encoding: chunked (no Content-Length): the body
+    is taken whole, and one that stops without its last chunk is resumed, not kept as done."""
+    agent = bithuman_api.add_agent(CODE, size=512 * 1024)
+    bithuman_api.storage_faults = ["chunked"]
+    path = await make_hub(bithuman_api).resolve(CODE)
+    assert path.read_bytes() == agent.files["essence-1"]
+    ModelCache().remove(CODE)
+    bithuman_api.storage_faults = ["chunked_truncate"]
+    path = await make_hub(bithuman_api).resolve(CODE)
+    assert path.read_bytes() == agent.files["essence-1"]
+    ranges = [h.get("range") for m, _, h in bithuman_api.storage_requests if m == "GET"]
+    assert ranges[-2:] == [None, f"bytes={256 * 1024}-"]
+    assert not leftovers(clean_env)
+
+
 @pytest.mark.parametrize("fault", ["ignore_range", "416"])
 async def test_unresumable_servers_restart_cleanly(bithuman_api, fault):
     agent = bithuman_api.add_agent(CODE, size=256 * 1024)
