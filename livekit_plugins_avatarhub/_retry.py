@@ -51,7 +51,7 @@ async def with_retries(call: Callable[[], Awaitable[T]], policy: RetryPolicy, wh
         try:
             return await call()
         except (APIConnectionError, APIStatusError) as err:
-            retryable = isinstance(err, APIConnectionError) or err.retryable
+            retryable = err.retryable  # a connection error is, unless it says otherwise
             if not retryable or attempt == policy.attempts - 1:
                 raise
             retry_after = err.retry_after if isinstance(err, APIStatusError) else None

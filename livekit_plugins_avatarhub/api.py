@@ -34,15 +34,17 @@ from .exceptions import (
     RateLimitedError,
     ServiceUnavailableError,
 )
-from .settings import api_base as resolve_api_base
 from .settings import (
+    CERTIFICATE_HINT,
     api_deadline,
     bithuman_secret,
     redact,
     scrub,
     tls_context,
+    untrusted_certificate,
     validate_avatar_id,
 )
+from .settings import api_base as resolve_api_base
 
 _BY_CODE: dict[str, type[APIStatusError]] = {
     "MODEL_ARTIFACT_NOT_READY": ModelNotReadyError,
@@ -227,6 +229,13 @@ class BithumanAPI:
                 ) as response:
                     body = await _read_capped(response, MAX_ANSWER_BYTES, what)
             except httpx.TransportError as err:
+                refused = untrusted_certificate(err)
+                if refused is not None:
+                    raise APIConnectionError(
+                        f"{what}: the TLS certificate of {self.base_url} is not trusted "
+                        f"({refused}); {CERTIFICATE_HINT}",
+                        retryable=False,
+                    ) from None
                 raise APIConnectionError(
                     f"{what}: cannot reach {self.base_url} ({scrub(str(err), self._secret)}); "
                     f"check the network or BITHUMAN_API_BASE"

@@ -53,7 +53,7 @@ from .exceptions import (
     IntegrityError,
 )
 from .log import logger
-from .settings import tls_context
+from .settings import CERTIFICATE_HINT, tls_context, untrusted_certificate
 
 CHUNK_SIZE = 1 << 20
 #: pieces handed to the writing thread and not yet on disk
@@ -248,6 +248,16 @@ def _described(err: BaseException) -> str:
     return f"{type(err).__name__}: {_QUERY.sub('?redacted', str(err))}"
 
 
+def _raise_if_untrusted(err: BaseException) -> None:
+    """A certificate refused is final: no retry can change it, and the fix is named."""
+    refused = untrusted_certificate(err)
+    if refused is not None:
+        raise APIConnectionError(
+            f"the model storage's TLS certificate is not trusted ({refused}); {CERTIFICATE_HINT}",
+            retryable=False,
+        ) from None
+
+
 class _Expired(Exception):
     """The storage refused the link (401/403): it may have expired mid-download."""
 
@@ -349,6 +359,7 @@ async def _fetch(
         except ReadTimeoutError:  # no byte for a whole stall window
             raise _too_slow(0, transfer.rule.window, transfer.rule) from None
         except (Urllib3Error, _Interrupted) as err:
+            _raise_if_untrusted(err)
             failures += 1
             if failures >= retry.attempts:
                 raise APIConnectionError(
@@ -599,6 +610,7 @@ async def probe(storage: Storage, url: str) -> RemoteFile:
     try:
         return await asyncio.to_thread(_probe, storage, url)
     except Urllib3Error as err:
+        _raise_if_untrusted(err)
         raise APIConnectionError(f"model storage unreachable: {type(err).__name__}") from None
 
 

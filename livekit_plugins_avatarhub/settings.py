@@ -44,10 +44,51 @@ DOWNLOADABLE_FAMILIES = ("essence-1", "essence-2", "expression-2")
 @functools.cache
 def tls_context() -> ssl.SSLContext:
     """One verifying TLS context per process for every HTTP client here: building one loads the
-    CA bundle (~20 ms), which each new client would otherwise pay again."""
+    CA bundle (~20 ms), which each new client would otherwise pay again.
+
+    Trusts what httpx trusts by default: ``SSL_CERT_FILE``, else ``SSL_CERT_DIR`` (a company
+    proxy's or a private CA), else certifi's bundle."""
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        where = os.environ.get(name)
+        if not where:
+            continue
+        if not os.path.exists(where):
+            raise ConfigurationError(f"{name}={where!r} does not exist")
+        is_file = name == "SSL_CERT_FILE"
+        try:
+            return ssl.create_default_context(
+                cafile=where if is_file else None, capath=None if is_file else where
+            )
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigurationError(
+                f"{name}={where!r} is not a bundle of CA certificates ({err})"
+            ) from None
     import certifi  # what httpx verifies against by default
 
     return ssl.create_default_context(cafile=certifi.where())
+
+
+def untrusted_certificate(err: BaseException) -> str | None:
+    """Why the server's certificate was refused, if that is what ``err`` comes from.
+
+    Retrying cannot help with that, and the fix (``SSL_CERT_FILE``) is worth naming."""
+    seen: set[int] = set()
+    pending: list[object] = [err]
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current.verify_message or str(current)
+        pending.extend((current.__cause__, current.__context__, *current.args))
+    return None
+
+
+#: what to do about an untrusted certificate
+CERTIFICATE_HINT = (
+    "behind a proxy that inspects TLS, or with a private CA, set SSL_CERT_FILE to its CA bundle"
+)
 
 
 def env_or(value: Any, *names: str) -> str | None:

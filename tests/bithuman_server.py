@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,10 +60,34 @@ def model_bytes(seed: str, size: int) -> bytes:
     return fake_model_bytes(seed.encode(), size)
 
 
-class FakeBithumanService:
-    """Owns both servers and the scripted state; start() / stop(), or use as a context manager."""
+class _TLSServer(ThreadingHTTPServer):
+    """HTTPS: each connection's handshake on its own thread, as a real server's would be."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: tuple[str, int], handler: Any, context: ssl.SSLContext) -> None:
+        super().__init__(address, handler)
+        self.context = context
+        self.handshakes_refused = 0
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            secured = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.handshakes_refused += 1  # the client did not trust our certificate
+            return
+        try:
+            super().finish_request(secured, client_address)
+        finally:
+            secured.close()
+
+
+class FakeBithumanService:
+    """Owns both servers and the scripted state; start() / stop(), or use as a context manager.
+
+    With ``tls`` (a server context), the servers named in ``tls_on`` speak HTTPS."""
+
+    def __init__(
+        self, tls: ssl.SSLContext | None = None, tls_on: tuple[str, ...] = ("api", "storage")
+    ) -> None:
         self.agents: dict[str, Agent] = {}
         self.api_faults: list[tuple[int, str | None, dict[str, str]]] = []
         self.storage_faults: list[str] = []
@@ -77,18 +102,33 @@ class FakeBithumanService:
         self.api_delay = 0.0  # seconds the API waits before answering
         self.huge_answer = 0  # bytes of padding in the next download-info answer
         self.lock = threading.Lock()
-        self._api = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, "api"))
-        self._storage = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, "storage"))
+        self._api = self._server("api", tls if "api" in tls_on else None)
+        self._storage = self._server("storage", tls if "storage" in tls_on else None)
         self._api.daemon_threads = self._storage.daemon_threads = True
         self._threads: list[threading.Thread] = []
 
+    def _server(self, role: str, tls: ssl.SSLContext | None) -> ThreadingHTTPServer:
+        if tls is None:
+            return ThreadingHTTPServer(("127.0.0.1", 0), _handler(self, role))
+        return _TLSServer(("127.0.0.1", 0), _handler(self, role), tls)
+
+    @staticmethod
+    def _base(server: ThreadingHTTPServer) -> str:
+        scheme = "https" if isinstance(server, _TLSServer) else "http"
+        return f"{scheme}://127.0.0.1:{server.server_address[1]}"
+
     @property
     def api_base(self) -> str:
-        return f"http://127.0.0.1:{self._api.server_address[1]}"
+        return self._base(self._api)
 
     @property
     def storage_base(self) -> str:
-        return f"http://127.0.0.1:{self._storage.server_address[1]}"
+        return self._base(self._storage)
+
+    @property
+    def handshakes_refused(self) -> int:
+        """TLS handshakes a client broke off (it did not trust the certificate)."""
+        return sum(getattr(s, "handshakes_refused", 0) for s in (self._api, self._storage))
 
     def add_agent(self, code: str, size: int = 64 * 1024, **kwargs: Any) -> Agent:
         agent = Agent(code, **kwargs)

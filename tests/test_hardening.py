@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import trustme
 
 from livekit_plugins_avatarhub import (
     APITimeoutError,
@@ -38,11 +40,16 @@ from livekit_plugins_avatarhub import (
 )
 from livekit_plugins_avatarhub.cache import ModelCache
 from livekit_plugins_avatarhub.download import RateRule
-from livekit_plugins_avatarhub.exceptions import APIError, APIStatusError, InvalidAvatarIdError
+from livekit_plugins_avatarhub.exceptions import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    InvalidAvatarIdError,
+)
 from livekit_plugins_avatarhub.hub import safe_filename
-from livekit_plugins_avatarhub.settings import validate_avatar_id
+from livekit_plugins_avatarhub.settings import tls_context, validate_avatar_id
 
-from bithuman_server import SECRET
+from bithuman_server import SECRET, FakeBithumanService
 
 CODE = "A91XMB7113"
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
@@ -255,6 +262,66 @@ async def test_storage_downloads_go_through_the_proxy_in_the_environment(
     assert path.read_bytes() == agent.files["essence-1"]
     storage = urlsplit(bithuman_api.storage_base).netloc
     assert any(urlsplit(url).netloc == storage for url in relayed), "the model came via the proxy"
+
+
+@pytest.fixture
+def company_ca(tmp_path, monkeypatch):
+    """A private CA (as a TLS-inspecting proxy has): a server context with a certificate it
+    signed for 127.0.0.1, and its bundle as a PEM file. No CA variable is inherited."""
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    bundle = tmp_path / "company-ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    tls_context.cache_clear()
+    yield server, bundle
+    tls_context.cache_clear()
+
+
+async def test_downloads_over_tls_trust_the_ca_in_ssl_cert_file(company_ca, monkeypatch):
+    server, bundle = company_ca
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    with FakeBithumanService(tls=server) as api:
+        agent = api.add_agent(CODE, size=512 * 1024)
+        api.storage_faults = ["truncate"]  # the resume is a second TLS connection
+        path = await hub(api).resolve(CODE)
+        assert api.api_base.startswith("https://") and api.storage_base.startswith("https://")
+    assert path.read_bytes() == agent.files["essence-1"]
+    ranges = [h.get("range") for m, _, h in api.storage_requests if m == "GET"]
+    assert ranges == [None, f"bytes={256 * 1024}-"]
+
+
+@pytest.mark.parametrize("untrusted", ["api", "storage"])
+async def test_an_untrusted_certificate_fails_at_once_naming_ssl_cert_file(company_ca, untrusted):
+    server, _ = company_ca
+    with FakeBithumanService(tls=server, tls_on=(untrusted,)) as api:
+        api.add_agent(CODE)
+        with pytest.raises(APIConnectionError, match="not trusted.*SSL_CERT_FILE") as caught:
+            await hub(api).resolve(CODE)
+        deadline = time.monotonic() + 5
+        while not api.handshakes_refused and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert api.handshakes_refused == 1, "a refused certificate is not retried"
+    message = str(caught.value)
+    assert "certificate verify failed" in message or "issuer" in message
+    assert SECRET not in message and "s3cr3tsig" not in message
+    assert ModelCache().find(CODE) is None
+
+
+@pytest.mark.parametrize("problem", ["does not exist", "is not a bundle"])
+async def test_a_bad_ssl_cert_file_is_named(
+    company_ca, monkeypatch, tmp_path, bithuman_api, problem
+):
+    bundle = tmp_path / "ca.pem"
+    if problem == "is not a bundle":
+        bundle.write_text("not a certificate")
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    bithuman_api.add_agent(CODE)
+    with pytest.raises(ConfigurationError, match=f"SSL_CERT_FILE=.*ca.pem.* {problem}"):
+        await hub(bithuman_api).resolve(CODE)
 
 
 async def test_a_slow_api_fails_at_its_deadline(bithuman_api):
