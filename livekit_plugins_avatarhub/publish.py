@@ -20,7 +20,8 @@ VideoCodecName = Literal["h264", "vp8", "vp9", "av1", "h265"]
 class VideoPublishOptions:
     """Codec, layers and limits for the avatar's video track.
 
-    ``max_fps=None`` caps at the avatar's own frame rate; ``max_bitrate=None`` lets LiveKit pick.
+    ``max_fps=None`` caps at the avatar's own frame rate; ``max_bitrate=None`` takes the bitrate
+    LiveKit's presets give a track of that size (1.7 Mbit/s at 720p).
     """
 
     codec: VideoCodecName = "h264"
@@ -36,17 +37,34 @@ class VideoPublishOptions:
         if self.max_bitrate is not None and self.max_bitrate <= 0:
             raise ValueError("max_bitrate must be positive")
 
-    def track_options(self, fps: float) -> rtc.TrackPublishOptions:
+    def track_options(self, fps: float, width: int, height: int) -> rtc.TrackPublishOptions:
         options = rtc.TrackPublishOptions(
             source=rtc.TrackSource.SOURCE_CAMERA,
             video_codec=rtc.VideoCodec.Value(self.codec.upper()),
             simulcast=self.simulcast,
         )
         cap = min(fps, self.max_fps) if self.max_fps else fps
+        # LiveKit's wire format needs both limits once either is set
         options.video_encoding.max_framerate = float(cap)
-        if self.max_bitrate:
-            options.video_encoding.max_bitrate = int(self.max_bitrate)
+        options.video_encoding.max_bitrate = int(self.max_bitrate or default_bitrate(width, height))
         return options
+
+
+#: LiveKit's video presets (pixels, bits per second), as its SDKs pick for a camera track
+_PRESETS = (
+    (640 * 360, 450_000),
+    (960 * 540, 800_000),
+    (1280 * 720, 1_700_000),
+    (1920 * 1080, 3_000_000),
+    (2560 * 1440, 5_000_000),
+    (3840 * 2160, 8_000_000),
+)
+
+
+def default_bitrate(width: int, height: int) -> int:
+    """The bitrate LiveKit's own presets give a track of this size (the nearest preset up)."""
+    pixels = width * height
+    return next((rate for size, rate in _PRESETS if pixels <= size), _PRESETS[-1][1])
 
 
 class _Participant:
@@ -97,7 +115,7 @@ def avatar_runner(
         audio_sample_rate=generator.audio_sample_rate,
         audio_channels=1,
     )
-    publishing = PublishingRoom(room, video_options.track_options(generator.video_fps))
+    publishing = PublishingRoom(room, video_options.track_options(generator.video_fps, width, height))
     return AvatarRunner(
         cast(rtc.Room, publishing), audio_recv=receiver, video_gen=generator, options=options
     )

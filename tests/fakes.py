@@ -25,6 +25,7 @@ from typing import Any
 
 import bithuman
 import numpy as np
+from google.protobuf.message import EncodeError
 
 from livekit import rtc
 
@@ -423,6 +424,9 @@ class FakeLocalParticipant:
         return await result if asyncio.iscoroutine(result) else result
 
     async def publish_track(self, track: Any, options: Any = None) -> FakePublication:
+        if options is not None and not options.IsInitialized():
+            # what LiveKit's FFI does when it serialises the request
+            raise EncodeError(f"missing required fields: {options.FindInitializationErrors()}")
         pub = FakePublication(track, options, f"TR_{len(self.track_publications)}")
         self.track_publications[pub.sid] = pub
         self.room.emit("local_track_published", pub, track)

@@ -139,6 +139,7 @@ async def test_video_is_published_h264_single_layer_at_avatar_fps(model_file, fa
         assert opts.video_codec == rtc.VideoCodec.H264
         assert opts.simulcast is False
         assert opts.video_encoding.max_framerate == 25
+        assert opts.video_encoding.max_bitrate == 450_000  # LiveKit's preset for up to 360p
         assert opts.source == rtc.TrackSource.SOURCE_CAMERA
 
 
