@@ -19,6 +19,7 @@ from livekit import rtc
 
 from . import _compat, settings
 from ._retry import RetryPolicy
+from .dynamics_rpc import answer_in_process
 from .exceptions import (
     CLOUD_PLUGIN_HINT,
     AvatarHubError,
@@ -121,6 +122,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         self._generator: RuntimeVideoGenerator | None = None
         self._opened: OpenedAvatar | None = None  # what this session loaded (runtime + lease)
         self._audio_sink: Any = None
+        self._stop_answering: Any = None  # undoes dynamics_rpc.answer_in_process
         self._started = False
         self._closed = False
 
@@ -332,6 +334,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         self._runner = avatar_runner(room, generator, audio_sink, self._video_options)
         await self._runner.start()
         _compat.replace_audio_output(agent_session, audio_sink)
+        self._stop_answering = answer_in_process(room.local_participant, self._push_action)
         logger.info(
             "avatar started",
             extra={
@@ -340,6 +343,11 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 "fps": generator.video_fps,
             },
         )
+
+    async def _push_action(self, action: str, force: bool) -> None:
+        from bithuman import VideoControl
+
+        await self.runtime.push(VideoControl(action=action, force_action=force))
 
     async def _load_runtime(self) -> AvatarRuntime:
         if self._runtime is not None:  # prewarmed: make it ready for this job
@@ -380,6 +388,9 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
             await self._service.aclose()
             await super().aclose()  # removes the avatar participant (livekit-agents 1.5.13+)
             return
+        stop_answering, self._stop_answering = self._stop_answering, None
+        if stop_answering is not None:
+            stop_answering()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.aclose()

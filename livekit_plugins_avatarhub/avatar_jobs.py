@@ -307,7 +307,8 @@ def worker_options(
 
 
 def main(argv: list[str]) -> int:
-    """``worker [--agent-name NAME] [--max-avatars N] [--prometheus-port P] start|dev|...``:
+    """``worker [--agent-name NAME] [--max-avatars N] [--prometheus-port P] [--http-port P]
+    start|dev|...``:
     LiveKit's worker CLI, with LiveKit's own Prometheus metrics where it has them."""
     import argparse
 
@@ -317,6 +318,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--agent-name", default=DEFAULT_AGENT_NAME)
     parser.add_argument("--max-avatars", type=int, default=None)
     parser.add_argument("--prometheus-port", type=int, default=None)
+    # LiveKit's health-check server (8081 by default): a second worker on one machine needs another
+    parser.add_argument("--http-port", type=int, default=None)
     ours, rest = parser.parse_known_args(argv)
     if ours.max_avatars is not None and ours.max_avatars < 1:
         print("error: --max-avatars must be at least 1", file=sys.stderr)
@@ -334,6 +337,11 @@ def main(argv: list[str]) -> int:
 
             # job processes write their avatar metrics here; LiveKit's endpoint adds them up
             extra["prometheus_multiproc_dir"] = tempfile.mkdtemp(prefix="avatarhub-metrics-")
+    if ours.http_port is not None:
+        if not 0 <= ours.http_port <= 65535:
+            print("error: --http-port must be from 0 to 65535", file=sys.stderr)
+            return 2
+        extra["port"] = ours.http_port
     options = worker_options(agent_name=ours.agent_name, max_avatars=ours.max_avatars, **extra)
     sys.argv = ["worker", *rest]  # LiveKit's CLI: start | dev | connect ..., --url, ...
     cli.run_app(options)

@@ -20,6 +20,7 @@ from livekit import rtc
 from . import _compat
 from ._retry import RetryPolicy, with_retries
 from .api import status_error
+from .dynamics_rpc import RPC_TRIGGER_DYNAMICS
 from .exceptions import APIConnectionError, AvatarHubError
 from .log import logger
 from .settings import livekit_credentials, tls_context
@@ -27,8 +28,6 @@ from .settings import livekit_credentials, tls_context
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
-#: bitHuman's cloud dynamics RPC, answered by the avatar participant
-RPC_TRIGGER_DYNAMICS = "trigger_dynamics"
 
 
 class ServiceAvatar:

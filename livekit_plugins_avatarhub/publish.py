@@ -115,7 +115,9 @@ def avatar_runner(
         audio_sample_rate=generator.audio_sample_rate,
         audio_channels=1,
     )
-    publishing = PublishingRoom(room, video_options.track_options(generator.video_fps, width, height))
+    publishing = PublishingRoom(
+        room, video_options.track_options(generator.video_fps, width, height)
+    )
     return AvatarRunner(
         cast(rtc.Room, publishing), audio_recv=receiver, video_gen=generator, options=options
     )

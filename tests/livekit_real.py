@@ -29,7 +29,12 @@ from livekit import api, rtc
 
 ROOT = Path(__file__).resolve().parents[1]
 #: where scripts/install-livekit puts the binaries (AVATARHUB_LIVEKIT_BIN overrides)
-BIN_DIR = Path(os.environ.get("AVATARHUB_LIVEKIT_BIN") or ROOT / ".livekit" / "bin")
+BIN_DIR = Path(
+    os.environ.get("AVATARHUB_LIVEKIT_BIN")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    / "livekit-plugins-avatarhub"
+    / "bin"
+)
 #: "required" (CI): a missing server fails the real-room tests instead of skipping them
 REQUIRED = os.environ.get("AVATARHUB_REAL_LIVEKIT") == "required"
 
@@ -135,7 +140,7 @@ class LiveKitServer:
     def ready(self) -> bool:
         """``GET /`` answers ``OK`` once the node's stats are fresh (406 otherwise)."""
         try:
-            with urllib.request.urlopen(self.http_url + "/", timeout=1) as answer:  # noqa: S310
+            with urllib.request.urlopen(self.http_url + "/", timeout=1) as answer:
                 return bool(answer.status == 200)
         except OSError:
             return False
@@ -255,6 +260,17 @@ class Subscriber:
         self.video: list[VideoSample] = []
         self.audio: list[AudioSample] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.events: list[str] = []  # what the room reported, for failure messages
+        self.room.on(
+            "track_subscribed",
+            lambda t, pub, p: self.events.append(f"subscribed {p.identity} {pub.kind}"),
+        )
+        self.room.on(
+            "track_subscription_failed",
+            lambda p, sid, err: self.events.append(
+                f"subscription failed {p.identity} {sid}: {err}"
+            ),
+        )
 
     async def __aenter__(self) -> Subscriber:
         await self.room.connect(
@@ -284,15 +300,25 @@ class Subscriber:
     ) -> tuple[rtc.RemoteParticipant, rtc.RemoteTrack]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            p = self.participant(identity=identity, name=name)
-            for pub in p.track_publications.values() if p else ():
-                if pub.kind == kind and pub.subscribed and pub.track is not None:
-                    assert p is not None
-                    return p, pub.track  # type: ignore[return-value]
+            for p in list(self.room.remote_participants.values()):
+                if (identity is not None and p.identity != identity) or (
+                    name is not None and p.name != name
+                ):
+                    continue
+                for pub in p.track_publications.values():
+                    if pub.kind == kind and pub.subscribed and pub.track is not None:
+                        return p, pub.track  # type: ignore[return-value]
             await asyncio.sleep(0.05)
         who = identity or name or "anyone"
-        present = {p.identity: p.name for p in self.room.remote_participants.values()}
-        raise AssertionError(f"no {kind} track from {who} within {timeout}s; in room: {present}")
+        present = {
+            p.identity: [
+                (pub.kind, pub.mime_type, pub.subscribed) for pub in p.track_publications.values()
+            ]
+            for p in self.room.remote_participants.values()
+        }
+        raise AssertionError(
+            f"no {kind} track from {who} within {timeout}s; in room: {present}; events: {self.events}"
+        )
 
     async def wait_gone(self, identity: str, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -332,7 +358,9 @@ class Subscriber:
                 rgba = np.frombuffer(frame.data, np.uint8).reshape(frame.height, frame.width, 4)
                 assert box is not None
                 self.video.append(
-                    VideoSample(time.monotonic(), frame.width, frame.height, mouth_openness(rgba, box))
+                    VideoSample(
+                        time.monotonic(), frame.width, frame.height, mouth_openness(rgba, box)
+                    )
                 )
         finally:
             await stream.aclose()
@@ -369,7 +397,7 @@ class Subscriber:
             near = levels[np.abs(times - frame.at) < 0.12]
             if near.size == 0:
                 continue
-            if loud and near.mean() > threshold or not loud and near.max() < threshold / 4:
+            if (loud and near.mean() > threshold) or (not loud and near.max() < threshold / 4):
                 out.append(frame.mouth)
         return out
 

@@ -1,18 +1,28 @@
 """``examples/cloud_style.py`` as a LiveKit worker whose agent speaks a sound file, not an LLM.
 
 Run by the real-room tests as a user runs the example (``python tests/speaking_agent.py
-start``), with two changes only: the worker registers under ``AVATARHUB_TEST_AGENT_NAME`` (so
-the test dispatches it explicitly, and no other room gets it), and the session, instead of an
-LLM, says the bundled sample ``AVATARHUB_TEST_SAYS`` times with ``AVATARHUB_TEST_PAUSE``
-seconds of silence between, then stays in the room.
+start``). ``AVATARHUB_TEST_MODE`` picks the avatar:
+
+* ``local``: the example as published (``from livekit.plugins import avatarhub as bithuman``);
+* ``official``: the same source with only its import swapped back to the official plugin
+  (``from livekit.plugins import bithuman``), in cloud mode at ``BITHUMAN_API_URL``;
+* ``participant`` / ``dispatch``: the example's pattern with ``mode=`` added.
+
+The worker registers under ``AVATARHUB_TEST_AGENT_NAME`` (the test dispatches it explicitly).
+Instead of an LLM the session says the bundled sample ``AVATARHUB_TEST_SAYS`` times, with
+``AVATARHUB_TEST_PAUSE`` seconds of silence between, then plays a gesture with bitHuman's
+documented cloud call (``perform_rpc(destination_identity=avatar.avatar_identity,
+method="trigger_dynamics", ...)``) and prints what each step returned.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import json
 import os
 import sys
+import time
+import types
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +34,9 @@ from livekit import rtc
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "livekit_plugins_avatarhub" / "assets" / "hello.wav"
+OURS = "from livekit.plugins import avatarhub as bithuman"
+OFFICIAL = "from livekit.plugins import bithuman"
+AVATARS: list[Any] = []  # the AvatarSessions the example created, in this job's process
 
 
 async def speech(path: Path = SAMPLE) -> AsyncIterator[rtc.AudioFrame]:
@@ -36,6 +49,10 @@ async def speech(path: Path = SAMPLE) -> AsyncIterator[rtc.AudioFrame]:
         yield rtc.AudioFrame(part, rate, channels, len(part) // (2 * channels))
 
 
+def say(line: str) -> None:
+    print(f"{time.monotonic():.3f} {line}", flush=True)
+
+
 class SpeakingSession(AgentSession):  # type: ignore[misc]
     """An AgentSession without models that speaks the sample once it has started."""
 
@@ -45,32 +62,62 @@ class SpeakingSession(AgentSession):  # type: ignore[misc]
         return result
 
     async def _speak(self) -> None:
+        from livekit.agents import get_job_context
+
         says = int(os.environ.get("AVATARHUB_TEST_SAYS", "2"))
         pause = float(os.environ.get("AVATARHUB_TEST_PAUSE", "3"))
         await asyncio.sleep(float(os.environ.get("AVATARHUB_TEST_DELAY", "2")))
         for n in range(says):
+            say(f"speaking sample {n}")
             handle = self.say(f"sample {n}", audio=speech(), allow_interruptions=False)
             await handle.wait_for_playout()
-            print(f"said sample {n}", flush=True)
+            say(f"said sample {n}")
             await asyncio.sleep(pause)
+        room = get_job_context().room
+        avatar = AVATARS[-1]
+        try:  # bitHuman's documented cloud call, written against avatar.avatar_identity
+            answer = await room.local_participant.perform_rpc(
+                destination_identity=avatar.avatar_identity,
+                method="trigger_dynamics",
+                payload=json.dumps({"action": "wave"}),
+            )
+            say(f"rpc answer {answer}")
+        except Exception as err:
+            say(f"rpc error {type(err).__name__}: {err}")
 
 
-def load_example(name: str = "cloud_style") -> Any:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def load_example(plugin_import: str) -> Any:
+    """examples/cloud_style.py with ``plugin_import`` as its import line, noting its avatars."""
+    source = (ROOT / "examples" / "cloud_style.py").read_text()
+    assert OURS in source
+    module = types.ModuleType("cloud_style")
+    module.__file__ = str(ROOT / "examples" / "cloud_style.py")
+    exec(compile(source.replace(OURS, plugin_import), module.__file__, "exec"), module.__dict__)
     module.make_session = SpeakingSession
+    plugin = module.bithuman
+
+    class Noted(plugin.AvatarSession):  # type: ignore[misc,name-defined]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.update(json.loads(os.environ.get("AVATARHUB_TEST_AVATAR_KWARGS", "{}")))
+            super().__init__(*args, **kwargs)
+            AVATARS.append(self)
+
+    module.bithuman = types.SimpleNamespace(AvatarSession=Noted)
     return module
+
+
+def example() -> Any:
+    mode = os.environ.get("AVATARHUB_TEST_MODE", "local")
+    return load_example(OFFICIAL if mode == "official" else OURS)
 
 
 async def entrypoint(ctx: Any) -> None:
     """The example's own entrypoint, loaded in the job's process (it cannot be pickled)."""
-    await load_example().entrypoint(ctx)
+    await example().entrypoint(ctx)
 
 
 if __name__ == "__main__":
-    load_example().check_environment()
+    example().check_environment()
     sys.exit(
         cli.run_app(
             WorkerOptions(
@@ -79,6 +126,7 @@ if __name__ == "__main__":
                 load_fnc=lambda *_: 0.0,  # a busy test machine still takes the job
                 num_idle_processes=1,
                 initialize_process_timeout=60,
+                port=0,  # several workers on one machine
             )
         )
     )

@@ -36,13 +36,17 @@ async def test_media_crosses_the_server_over_udp(real_livekit):
             red[..., 0], red[..., 3] = 220, 255
             tone = (np.sin(np.arange(480) / 480 * 2 * np.pi * 4) * 12000).astype(np.int16)
             while True:
-                source.capture_frame(rtc.VideoFrame(320, 240, rtc.VideoBufferType.RGBA, red.tobytes()))
+                source.capture_frame(
+                    rtc.VideoFrame(320, 240, rtc.VideoBufferType.RGBA, red.tobytes())
+                )
                 for _ in range(4):
                     await audio.capture_frame(rtc.AudioFrame(tone.tobytes(), 48000, 1, 480))
 
         feeding = asyncio.create_task(feed())
         async with Subscriber(real_livekit, room_name) as sub:
-            participant, track = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, identity="publisher")
+            participant, track = await sub.wait_track(
+                rtc.TrackKind.KIND_VIDEO, identity="publisher"
+            )
             await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity="publisher")
             sub.record(participant)
             await until(lambda: len(sub.video) >= 30 and len(sub.audio) >= 100, 20, "media")
@@ -51,7 +55,11 @@ async def test_media_crosses_the_server_over_udp(real_livekit):
             stats = await track.get_stats()
             pairs = [s.candidate_pair for s in stats if s.WhichOneof("stats") == "candidate_pair"]
             nominated = [p for p in pairs if p.candidate_pair.nominated]
-            local = {s.local_candidate.candidate.protocol for s in stats if s.WhichOneof("stats") == "local_candidate"}
+            local = {
+                s.local_candidate.candidate.protocol
+                for s in stats
+                if s.WhichOneof("stats") == "local_candidate"
+            }
             assert nominated, "a nominated candidate pair"
             assert "udp" in local
         feeding.cancel()

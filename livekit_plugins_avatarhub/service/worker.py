@@ -17,7 +17,6 @@ reconnects (``reconnecting`` meanwhile).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,14 +25,13 @@ from livekit.agents.voice.avatar import AudioReceiver, AvatarRunner
 
 from livekit import rtc
 
+from ..dynamics_rpc import RPC_TRIGGER_DYNAMICS, handle
 from ..generator import FrameStats, RuntimeVideoGenerator
 from ..loader import OpenedAvatar
 from ..log import logger
-from ..participant import RPC_TRIGGER_DYNAMICS
 from ..publish import VideoPublishOptions, avatar_runner
 from ..runtime import AvatarRuntime
 
-SERVICE_NAME = "avatarhub"
 DEFAULT_IDLE_TIMEOUT = 300.0
 #: what LiveKit's bithuman plugin puts in the avatar token's attributes besides the agent's id
 _LEAKED_ATTRIBUTES = ("api_secret",)
@@ -208,20 +206,13 @@ class AvatarWorker:
 
     async def _on_trigger(self, data: rtc.RpcInvocationData) -> str:
         """bitHuman's cloud dynamics RPC, answered in its documented shape."""
-        try:
-            payload = json.loads(data.payload or "{}")
-            action = payload.get("action") if isinstance(payload, dict) else None
-        except ValueError:
-            action = None
-        if not isinstance(action, str) or not action:
-            return _trigger_answer(None, error='the payload must be {"action": "<name>"}')
-        runtime = self.runtime
-        if runtime is None:
-            return _trigger_answer(action, error="the avatar is not running")
+        return await handle(data.payload, self._push if self.runtime is not None else None)
+
+    async def _push(self, action: str, force: bool) -> None:
         from bithuman import VideoControl
 
-        await runtime.push(VideoControl(action=action, force_action=bool(payload.get("force"))))
-        return _trigger_answer(action)
+        assert self.runtime is not None
+        await self.runtime.push(VideoControl(action=action, force_action=force))
 
     async def stop(self) -> None:
         self._closing = True
@@ -249,19 +240,6 @@ class AvatarWorker:
             await room.disconnect()
         if not self.stopped.done():
             self.stopped.set_result(None)
-
-
-def _trigger_answer(action: str | None, *, error: str | None = None) -> str:
-    """``{"status", "action", "animation_triggered", "service"}``, as bitHuman's cloud answers."""
-    answer: dict[str, Any] = {
-        "status": "error" if error else "success",
-        "action": action,
-        "animation_triggered": error is None,
-        "service": SERVICE_NAME,
-    }
-    if error:
-        answer["message"] = error
-    return json.dumps(answer)
 
 
 async def _wait_for_complete(runner: AvatarRunner) -> None:

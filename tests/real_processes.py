@@ -1,0 +1,145 @@
+"""The package's own processes beside a real LiveKit server, started as a user starts them:
+the speaking agent worker (``tests/speaking_agent.py``), ``serve`` and ``worker start``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from livekit_real import LiveKitServer, clean_env, free_port, until
+
+HERE = Path(__file__).resolve().parent
+SERVICE_KEY = "service-key-for-real-rooms"
+
+
+class Process:
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.proc, self.log = proc, log
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        if self.proc.returncode is not None:
+            raise AssertionError(f"{self.log.name} exited:\n{self.text()[-3000:]}")
+        return True
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 20)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def spawn(name: str, tmp_path: Path, *argv: str, **env: str) -> Process:
+    log = tmp_path / f"{name}.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, env=clean_env(**env), stdout=out, stderr=out
+        )
+    return Process(proc, log)
+
+
+@contextlib.asynccontextmanager
+async def speaking_agent(
+    server: LiveKitServer, tmp_path: Path, agent_name: str, **env: str
+) -> AsyncIterator[Process]:
+    """``python tests/speaking_agent.py start``, registered with LiveKit."""
+    agent = await spawn(
+        agent_name,
+        tmp_path,
+        str(HERE / "speaking_agent.py"),
+        "start",
+        **server.env(),
+        AVATARHUB_TEST_AGENT_NAME=agent_name,
+        BITHUMAN_AVATAR_ID="demo",
+        **env,
+    )
+    try:
+        await until(
+            lambda: agent.alive() and "registered worker" in agent.text(), 90, "registration"
+        )
+        yield agent
+    finally:
+        await agent.stop()
+
+
+@contextlib.asynccontextmanager
+async def avatar_worker(
+    server: LiveKitServer, tmp_path: Path, agent_name: str, *args: str, **env: str
+) -> AsyncIterator[Process]:
+    """``python -m livekit_plugins_avatarhub worker --agent-name NAME start``, registered."""
+    worker = await spawn(
+        f"worker-{agent_name}",
+        tmp_path,
+        "-m",
+        "livekit_plugins_avatarhub",
+        "worker",
+        "--agent-name",
+        agent_name,
+        "--http-port",
+        "0",
+        *args,
+        "start",
+        **server.env(),
+        **env,
+    )
+    try:
+        await until(
+            lambda: worker.alive() and "registered worker" in worker.text(), 90, "registration"
+        )
+        yield worker
+    finally:
+        await worker.stop()
+
+
+@contextlib.asynccontextmanager
+async def avatar_service(
+    server: LiveKitServer | None, tmp_path: Path, *args: str, **env: str
+) -> AsyncIterator[tuple[Process, httpx.AsyncClient]]:
+    """``python -m livekit_plugins_avatarhub serve``, answering /health; and a client."""
+    port = free_port()
+    lk: dict[str, Any] = server.env() if server is not None else {}
+    service = await spawn(
+        f"serve-{port}",
+        tmp_path,
+        "-m",
+        "livekit_plugins_avatarhub",
+        "serve",
+        "--port",
+        str(port),
+        *args,
+        AVATARHUB_SERVICE_KEY=SERVICE_KEY,
+        **lk,
+        **env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(
+        base_url=base, headers={"authorization": f"Bearer {SERVICE_KEY}"}, timeout=30
+    ) as client:
+        try:
+
+            async def answers() -> bool:
+                try:
+                    return (await client.get("/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            deadline = asyncio.get_running_loop().time() + 60
+            while not await answers():
+                service.alive()
+                if asyncio.get_running_loop().time() > deadline:
+                    raise AssertionError(f"serve did not answer:\n{service.text()[-3000:]}")
+                await asyncio.sleep(0.1)
+            yield service, client
+        finally:
+            await service.stop()

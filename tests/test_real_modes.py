@@ -1,0 +1,114 @@
+"""Every way to run the avatar, in a real room: a real dispatch starts the cloud-style example
+on a LiveKit worker, and a real subscriber decodes the avatar it publishes.
+
+* local: the example as published renders the demo avatar in the agent's job;
+* participant: the same agent with ``mode="participant"``, rendered by ``serve``;
+* official: the example with only its import swapped back to ``livekit-plugins-bithuman``,
+  in its cloud mode, launching the avatar on ``serve``;
+* dispatch: ``mode="dispatch"``, rendered by a ``worker start`` process on LiveKit's dispatch.
+
+In each: the video at the published size at >= 24 FPS over 10 s, the speech in the avatar's
+audio, the mouth open while it speaks and shut in its silences, playback finished reported
+back (the agent's ``wait_for_playout()`` returns), the ``trigger_dynamics`` RPC answered for
+another participant and for bitHuman's documented call from the agent itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+
+import pytest
+from real_processes import SERVICE_KEY, avatar_service, avatar_worker, speaking_agent
+
+from livekit import api, rtc
+
+from livekit_real import Subscriber, until
+
+pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
+
+REMOTE_IDENTITY = "bithuman-avatar-agent"
+
+
+@contextlib.asynccontextmanager
+async def backend(mode: str, server, tmp_path):
+    """What renders the avatar in ``mode``, and the agent's environment that points at it."""
+    if mode == "local":
+        yield {}
+    elif mode in ("participant", "official"):
+        async with avatar_service(server, tmp_path) as (_, client):
+            base = str(client.base_url)
+            if mode == "participant":
+                yield {
+                    "AVATARHUB_TEST_AVATAR_KWARGS": json.dumps({"mode": "participant"}),
+                    "AVATARHUB_SERVICE_URL": base,
+                    "AVATARHUB_SERVICE_KEY": SERVICE_KEY,
+                }
+            else:
+                yield {
+                    "BITHUMAN_API_URL": f"{base}/v1/runtime-tokens/request",
+                    "BITHUMAN_API_SECRET": SERVICE_KEY,
+                }
+    elif mode == "dispatch":
+        async with avatar_worker(server, tmp_path, "avatars-real"):
+            yield {
+                "AVATARHUB_TEST_AVATAR_KWARGS": json.dumps({"mode": "dispatch"}),
+                "AVATARHUB_AGENT_NAME": "avatars-real",
+            }
+    else:
+        raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["local", "participant", "official", "dispatch"])
+async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
+    agent_name, room_name = f"speaker-{mode}", f"room-{mode}"
+    lkapi = real_livekit.api()
+    try:
+        async with (
+            backend(mode, real_livekit, tmp_path) as env,
+            speaking_agent(
+                real_livekit, tmp_path, agent_name, AVATARHUB_TEST_MODE=mode, **env
+            ) as agent,
+            Subscriber(real_livekit, room_name) as sub,
+        ):
+            await lkapi.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name=agent_name, room=room_name)
+            )
+            avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=90)
+            await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=avatar.identity)
+            if mode == "local":  # the agent publishes the avatar itself
+                assert avatar.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+            else:  # a participant of its own, on the agent's behalf
+                assert avatar.identity == REMOTE_IDENTITY
+                assert avatar.attributes.get("lk.publish_on_behalf", "").startswith("agent-")
+            sub.record(avatar)
+            started = time.monotonic()
+            await until(lambda: time.monotonic() - started > 16, 30, "16 s of the avatar")
+            await sub.stop_recording()
+            # another participant plays a gesture
+            answer = await sub.room.local_participant.perform_rpc(
+                destination_identity=avatar.identity,
+                method="trigger_dynamics",
+                payload=json.dumps({"action": "wave"}),
+            )
+            assert json.loads(answer)["status"] == "success", answer
+            # the agent's own call, as bitHuman documents it for the cloud
+            await until(lambda: " rpc " in agent.text(), 60, "the agent's trigger_dynamics call")
+            log = agent.text()
+    finally:
+        await lkapi.aclose()
+
+    assert "said sample 0" in log, "playback finished came back to the agent"
+    (rpc_line,) = [line for line in log.splitlines() if " rpc " in line]
+    assert "rpc answer" in rpc_line and '"status": "success"' in rpc_line, rpc_line
+    frames = [s for s in sub.video if s.at > started + 1]
+    assert {(s.width, s.height) for s in frames} == {(1280, 720)}, "the published size"
+    rates = [sub.fps(t, t + 10) for t in (started + 1, started + 5)]
+    assert min(rates) >= 24, f"frames per second over 10 s windows: {rates}"
+    assert sub.loud_audio(), "the avatar's audio arrived with the speech in it"
+    speaking, silent = sub.mouth_while(loud=True), sub.mouth_while(loud=False)
+    assert len(speaking) > 20 and len(silent) > 20, (len(speaking), len(silent))
+    open_, shut = statistics.mean(speaking), statistics.mean(silent)
+    assert open_ > 0.05 and open_ > 4 * shut, f"mouth while speaking {open_}, silent {shut}"
