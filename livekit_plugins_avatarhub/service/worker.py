@@ -17,6 +17,7 @@ reconnects (``reconnecting`` meanwhile).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +32,7 @@ from ..loader import OpenedAvatar
 from ..log import logger
 from ..publish import VideoPublishOptions, avatar_runner
 from ..runtime import AvatarRuntime
+from .tokens import token_claims, token_room
 
 DEFAULT_IDLE_TIMEOUT = 300.0
 #: what LiveKit's bithuman plugin puts in the avatar token's attributes besides the agent's id
@@ -121,27 +123,76 @@ class AvatarWorker:
             self._idle = asyncio.create_task(self._leave_when_idle())
 
     async def _present_self(self) -> None:
-        """Its LiveKit SID, the display name asked for, and no secret in its attributes."""
+        """Its LiveKit SID, the display name asked for, and no secret in its attributes.
+
+        Renaming itself needs the token's ``canUpdateOwnMetadata`` grant (without it LiveKit
+        ignores the request silently); otherwise the service's own LiveKit credentials do it
+        server side through RoomService."""
         me = self.room.local_participant
         self.participant_sid = getattr(me, "sid", None) or None
-        if self.participant_name and getattr(me, "name", None) != self.participant_name:
+        name = self.participant_name
+        rename = name if name and getattr(me, "name", None) != name else None
+        attributes = getattr(me, "attributes", {}) or {}
+        leaked = {k: "" for k in _LEAKED_ATTRIBUTES if k in attributes}  # "" deletes it
+        if not rename and not leaked:
+            return
+        if self._token is None or _may_update_itself(self._token):
+            await self._update_itself(me, rename, leaked)
+        elif not await self._update_through_livekit(me.identity, rename, leaked):
+            if rename:
+                self._warn(
+                    f"could not set the display name {rename!r}: the room token has no "
+                    "canUpdateOwnMetadata grant and the service no LiveKit credentials "
+                    "(LIVEKIT_API_KEY / LIVEKIT_API_SECRET); give the room token the name"
+                )
+            if leaked:
+                self._warn(
+                    "the room token carries an api_secret attribute that every participant can "
+                    "read, and it could not be removed; give the service LiveKit credentials, "
+                    "or grant canUpdateOwnMetadata"
+                )
+
+    async def _update_itself(self, me: Any, rename: str | None, leaked: dict[str, str]) -> None:
+        if rename:
             try:
-                await me.set_name(self.participant_name)
+                await me.set_name(rename)
             except Exception as err:
                 self._warn(
-                    f"could not set the display name {self.participant_name!r} ({err}); give the "
+                    f"could not set the display name {rename!r} ({err}); give the "
                     "room token the name, or the canUpdateOwnMetadata grant"
                 )
-        leaked = {k: "" for k in _LEAKED_ATTRIBUTES if k in (getattr(me, "attributes", {}) or {})}
         if leaked:
             try:
-                await me.set_attributes(leaked)  # "" deletes the attribute
+                await me.set_attributes(leaked)
             except Exception as err:
                 self._warn(
                     f"the room token carries an api_secret attribute that every participant can "
                     f"read, and it could not be removed ({err}); use a service key that can only "
                     "launch avatars, or grant canUpdateOwnMetadata"
                 )
+
+    async def _update_through_livekit(
+        self, identity: str, rename: str | None, leaked: dict[str, str]
+    ) -> bool:
+        """RoomService.UpdateParticipant with the service's credentials; False without them."""
+        key, secret = os.environ.get("LIVEKIT_API_KEY"), os.environ.get("LIVEKIT_API_SECRET")
+        room_name = token_room(self._token or "")
+        if not (key and secret and self._room_url and room_name):
+            return False
+        from livekit import api
+
+        request = api.UpdateParticipantRequest(room=room_name, identity=identity, attributes=leaked)
+        if rename:
+            request.name = rename
+        lkapi = api.LiveKitAPI(self._room_url, key, secret)
+        try:
+            await lkapi.room.update_participant(request)
+        except Exception as err:
+            logger.warning("avatar %s: RoomService.UpdateParticipant: %s", self.agent_id, err)
+            return False
+        finally:
+            await lkapi.aclose()
+        return True
 
     def _warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -240,6 +291,11 @@ class AvatarWorker:
             await room.disconnect()
         if not self.stopped.done():
             self.stopped.set_result(None)
+
+
+def _may_update_itself(token: str) -> bool:
+    video = token_claims(token).get("video")
+    return isinstance(video, dict) and bool(video.get("canUpdateOwnMetadata"))
 
 
 async def _wait_for_complete(runner: AvatarRunner) -> None:
