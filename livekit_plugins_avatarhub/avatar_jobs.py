@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import signal
 import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -344,5 +346,34 @@ def main(argv: list[str]) -> int:
         extra["port"] = ours.http_port
     options = worker_options(agent_name=ours.agent_name, max_avatars=ours.max_avatars, **extra)
     sys.argv = ["worker", *rest]  # LiveKit's CLI: start | dev | connect ..., --url, ...
-    cli.run_app(options)
-    return 0
+    refused = _StopWhenKeysRefused()
+    logging.getLogger("livekit.agents").addFilter(refused)
+    try:
+        cli.run_app(options)
+    except SystemExit:  # LiveKit's CLI exits by itself
+        if not refused.said:
+            raise
+    return 1 if refused.said else 0
+
+
+class _StopWhenKeysRefused(logging.Filter):
+    """LiveKit's worker retries a refused API key 16 times over minutes; no retry can help,
+    so say it once, in one line, and stop."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("failed to connect to livekit"):
+            return True
+        if "401" not in str(getattr(record, "error", "")):
+            return True  # unreachable: LiveKit's backoff is right
+        if not self.said:
+            self.said = True
+            url = os.environ.get("LIVEKIT_URL") or "LIVEKIT_URL"
+            logger.error(
+                "LiveKit at %s refused the worker's API key and secret (HTTP 401); check "
+                "LIVEKIT_API_KEY and LIVEKIT_API_SECRET",
+                url,
+            )
+            os.kill(os.getpid(), signal.SIGTERM)  # LiveKit's own clean shutdown
+        return False

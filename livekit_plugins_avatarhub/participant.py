@@ -181,7 +181,12 @@ class DispatchedAvatar(ServiceAvatar):
             participant_name=self.name,
             publish_on_behalf=room.local_participant.identity,
         )
-        await self._dispatcher.ensure(room.name, job)
+        try:
+            await self._dispatcher.ensure(room.name, job)
+        except Exception as err:
+            dispatcher, self._dispatcher = self._dispatcher, None
+            await dispatcher.aclose()
+            raise livekit_refusal(err, dispatcher.url) from None
         self._room, self._room_name = room, room.name
         try:
             await asyncio.wait_for(_avatar_joined(room, self.identity), self.join_timeout)
@@ -204,6 +209,29 @@ class DispatchedAvatar(ServiceAvatar):
             logger.debug("removing the avatar dispatch failed: %s", err)
         finally:
             await dispatcher.aclose()
+
+
+def livekit_refusal(err: Exception, url: str | None) -> Exception:
+    """LiveKit's own answer to a server API call, in one line that says what to check."""
+    import asyncio
+
+    import aiohttp
+
+    from .exceptions import ConfigurationError
+
+    status = getattr(err, "status", None)
+    if status in (401, 403):
+        code = getattr(err, "code", None)
+        detail = f", {code}" if code and code != "unknown" else ""
+        return ConfigurationError(
+            f"LiveKit at {url} refused the API key and secret (HTTP {status}{detail}); check "
+            "LIVEKIT_API_KEY and LIVEKIT_API_SECRET"
+        )
+    if isinstance(err, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
+        return APIConnectionError(
+            f"LiveKit at {url} is unreachable ({type(err).__name__}: {err}); check LIVEKIT_URL"
+        )
+    return err
 
 
 async def _avatar_joined(room: rtc.Room, identity: str) -> None:

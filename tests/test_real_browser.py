@@ -18,12 +18,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from real_processes import avatar_service
+from test_real_join_room import lk_join, speech_ogg  # noqa: F401 (a fixture)
 
 from livekit import rtc
 
 from livekit_real import REQUIRED, Subscriber
-from real_processes import avatar_service
-from test_real_join_room import lk_join, speech_ogg  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
 

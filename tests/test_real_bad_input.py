@@ -1,0 +1,116 @@
+"""Bad LiveKit settings against a real server: a URL nobody answers fails within a bounded time,
+and wrong API keys get LiveKit's own refusal in one line, for the session, ``serve`` and
+``worker``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from livekit.agents import AgentSession
+from real_processes import SERVICE_KEY, avatar_service, spawn
+
+from livekit import rtc
+from livekit_plugins_avatarhub import AvatarSession
+from livekit_plugins_avatarhub.exceptions import (
+    APIConnectionError,
+    APIStatusError,
+    ConfigurationError,
+)
+
+from livekit_real import free_port, until
+
+pytestmark = pytest.mark.livekit_real
+
+WRONG_SECRET = "not-the-secret-not-the-secret-0123"
+
+
+@pytest.fixture
+async def agent_room(real_livekit):
+    room = rtc.Room()
+    await room.connect(real_livekit.url, real_livekit.token("agent-bad", "bad-input", kind="agent"))
+    yield room
+    await room.disconnect()
+
+
+async def test_the_session_says_when_livekit_refuses_its_keys_or_is_not_there(
+    real_livekit, agent_room, tmp_path
+):
+    nobody = f"ws://127.0.0.1:{free_port()}"
+    cases = [
+        ("dispatch", real_livekit.url, WRONG_SECRET, ConfigurationError, "refused the API key"),
+        ("dispatch", nobody, real_livekit.api_secret, APIConnectionError, "unreachable"),
+    ]
+    async with avatar_service(real_livekit, tmp_path) as (_, client):
+        service = {"service_url": str(client.base_url), "service_key": SERVICE_KEY}
+        cases += [
+            ("participant", real_livekit.url, WRONG_SECRET, APIStatusError, "401"),
+            ("participant", nobody, real_livekit.api_secret, APIStatusError, "connect"),
+        ]
+        for mode, url, secret, error, words in cases:
+            avatar = AvatarSession(
+                avatar_id="demo", mode=mode, **(service if mode == "participant" else {})
+            )
+            started = time.monotonic()
+            with pytest.raises(error, match=words) as caught:
+                await avatar.start(
+                    AgentSession(),
+                    room=agent_room,
+                    livekit_url=url,
+                    livekit_api_key=real_livekit.api_key,
+                    livekit_api_secret=secret,
+                )
+            took = time.monotonic() - started
+            message = str(caught.value)
+            assert "\n" not in message and secret not in message, message
+            assert took < 30, f"{mode} at {url}: {took:.1f} s"
+
+
+async def test_serve_answers_502_with_livekits_refusal(real_livekit, tmp_path):
+    async with avatar_service(real_livekit, tmp_path) as (service, client):
+        for url, token, words in [
+            (real_livekit.url, _wrong_token(real_livekit, "bad-serve"), "401"),
+            (
+                f"ws://127.0.0.1:{free_port()}",
+                real_livekit.token("avatar-x", "bad-serve"),
+                "connect",
+            ),
+        ]:
+            started = time.monotonic()
+            answer = await client.post(
+                "/v1/agents/demo/join-room", json={"room_url": url, "room_token": token}
+            )
+            assert answer.status_code == 502, answer.text
+            message = answer.json()["error"]["message"]
+            assert words in message.lower() or words in message, message
+            assert "\n" not in message and time.monotonic() - started < 30
+        workers = (await client.get("/v1/workers")).json()["data"]
+        assert {w["status"] for w in workers} == {"failed"}, "kept to be seen, not running"
+
+
+def _wrong_token(server, room: str) -> str:
+    from livekit import api
+
+    return (
+        api.AccessToken(server.api_key, WRONG_SECRET)
+        .with_identity("avatar-x")
+        .with_grants(api.VideoGrants(room_join=True, room=room))
+        .to_jwt()
+    )
+
+
+async def test_a_worker_with_wrong_keys_says_so_once_and_stops(real_livekit, tmp_path):
+    worker = await spawn(
+        "worker-wrong-keys",
+        tmp_path,
+        *("-m", "livekit_plugins_avatarhub", "worker", "--http-port", "0", "start"),
+        **{**real_livekit.env(), "LIVEKIT_API_SECRET": WRONG_SECRET},
+    )
+    try:
+        await until(lambda: worker.proc.returncode is not None, 60, "the worker to stop")
+    finally:
+        await worker.stop()
+    assert worker.proc.returncode == 1
+    refusals = [line for line in worker.text().splitlines() if "refused" in line]
+    assert len(refusals) == 1 and "LIVEKIT_API_SECRET" in refusals[0], refusals
+    assert WRONG_SECRET not in worker.text()
