@@ -127,3 +127,44 @@ async def test_an_app_joins_the_avatar_to_its_room_and_it_lip_syncs_the_micropho
         assert 3.5 < idle < 20, f"left {idle:.1f} s after the room emptied (idle timeout 4 s)"
         workers = (await client.get("/v1/workers")).json()["data"]
         assert workers == [], "the service let the idle worker go"
+
+
+async def test_serve_dispatch_sends_a_worker_that_joins_speaks_and_leaves_when_withdrawn(
+    real_livekit, tmp_path, speech_ogg
+):
+    """``serve --dispatch`` in front of a ``worker start`` process, on LiveKit's own dispatch."""
+    from real_processes import avatar_worker
+
+    room, name = "dispatched-room", "BitHuman Agent"
+    async with (
+        avatar_worker(real_livekit, tmp_path, "avatars-serve"),
+        avatar_service(real_livekit, tmp_path, "--dispatch", "--agent-name", "avatars-serve") as (
+            _,
+            client,
+        ),
+        Subscriber(real_livekit, room, identity="app-viewer") as sub,
+    ):
+        answer = await client.post(
+            "/v1/agents/demo/join-room",
+            json={
+                "room_url": real_livekit.url,
+                "room_token": real_livekit.token("avatar-dispatched", room, kind="agent"),
+                "participant_name": name,
+                "listen_to": "app-user",
+            },
+        )
+        assert answer.status_code == 200 and answer.json()["status"] == "dispatched", answer.text
+        avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, name=name, timeout=60)
+        assert avatar.identity == "avatar-dispatched"
+        sub.record(avatar)
+        microphone = lk_join(real_livekit, room, "app-user", speech_ogg)
+        try:
+            await until(lambda: microphone.poll() is not None, 60, "lk to publish the file")
+        finally:
+            microphone.kill()
+            microphone.communicate()
+        await sub.stop_recording()
+        assert max(s.mouth for s in sub.video) > 0.15, "it lip-synced the app user"
+        left = await client.post("/v1/agents/demo/leave-room", json={"room_name": room})
+        assert left.status_code == 200, left.text
+        await sub.wait_gone(avatar.identity, timeout=20)
