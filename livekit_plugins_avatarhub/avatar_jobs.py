@@ -365,7 +365,11 @@ class _StopWhenKeysRefused(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.getMessage().startswith("failed to connect to livekit"):
             return True
-        if "401" not in str(getattr(record, "error", "")):
+        raised = record.exc_info[1] if record.exc_info else None  # livekit-agents 1.0
+        refused = getattr(raised, "status", None) == 401 or "401" in str(
+            getattr(record, "error", "")
+        )
+        if not refused:
             return True  # unreachable: LiveKit's backoff is right
         if not self.said:
             self.said = True

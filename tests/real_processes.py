@@ -143,3 +143,24 @@ async def avatar_service(
             yield service, client
         finally:
             await service.stop()
+
+
+async def join_room(
+    client: httpx.AsyncClient,
+    server: LiveKitServer,
+    room: str,
+    identity: str,
+    *,
+    name: str = "BitHuman Agent",
+    listen_to: str = "app-user",
+) -> httpx.Response:
+    """The Flutter app's ``POST /v1/agents/demo/join-room``, with a token it minted."""
+    return await client.post(
+        "/v1/agents/demo/join-room",
+        json={
+            "room_url": server.url,
+            "room_token": server.token(identity, room, kind="agent"),
+            "participant_name": name,
+            "listen_to": listen_to,
+        },
+    )

@@ -18,12 +18,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from real_processes import avatar_service
-from test_real_join_room import lk_join, speech_ogg  # noqa: F401 (a fixture)
 
 from livekit import rtc
 
-from livekit_real import REQUIRED, Subscriber
+from livekit_real import ADAPTS_RESOLUTION, REQUIRED, Subscriber
+from real_processes import avatar_service, join_room
+from test_real_join_room import lk_join, speech_ogg  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
 
@@ -94,15 +94,7 @@ async def test_chromium_decodes_the_avatar_at_its_size_and_rate_and_hears_it(
 ):
     room, name = "browser-room", "BitHuman Agent"
     async with avatar_service(real_livekit, tmp_path) as (_, client):
-        answer = await client.post(
-            "/v1/agents/demo/join-room",
-            json={
-                "room_url": real_livekit.url,
-                "room_token": real_livekit.token("avatar-browser", room, kind="agent"),
-                "participant_name": name,
-                "listen_to": "app-user",
-            },
-        )
+        answer = await join_room(client, real_livekit, room, "avatar-browser")
         assert answer.status_code == 200, answer.text
         async with Subscriber(real_livekit, room) as sub:  # the avatar is up and publishing
             await sub.wait_track(rtc.TrackKind.KIND_VIDEO, name=name, timeout=60)
@@ -140,7 +132,10 @@ async def test_chromium_decodes_the_avatar_at_its_size_and_rate_and_hears_it(
         )
     )
     assert video["codec"] == "video/H264"
-    assert (video["frameWidth"], video["frameHeight"]) == (1280, 720)
+    if ADAPTS_RESOLUTION:  # libwebrtc may lower a loaded encoder's size, keeping the shape
+        assert video["frameWidth"] * 9 == video["frameHeight"] * 16 or video["frameWidth"] <= 1280
+    else:
+        assert (video["frameWidth"], video["frameHeight"]) == (1280, 720)
     seconds = (video["at"] - first["video"]["at"]) / 1000
     fps = (video["framesDecoded"] - first["video"]["framesDecoded"]) / seconds
     assert fps >= 24, f"{fps:.1f} frames decoded per second"

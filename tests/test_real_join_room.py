@@ -13,11 +13,11 @@ import subprocess
 import time
 
 import pytest
-from real_processes import avatar_service
 
 from livekit import rtc
 
 from livekit_real import Subscriber, clean_env, find_tool, until
+from real_processes import avatar_service, join_room
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
 
@@ -60,15 +60,7 @@ async def test_an_app_joins_the_avatar_to_its_room_and_it_lip_syncs_the_micropho
     room, name = "flutter-room", "BitHuman Agent"
     async with avatar_service(real_livekit, tmp_path, "--idle-timeout", "4") as (_, client):
         async with Subscriber(real_livekit, room, identity="app-viewer") as sub:
-            answer = await client.post(
-                "/v1/agents/demo/join-room",
-                json={
-                    "room_url": real_livekit.url,
-                    "room_token": real_livekit.token("avatar-flutter", room, kind="agent"),
-                    "participant_name": name,
-                    "listen_to": "app-user",
-                },
-            )
+            answer = await join_room(client, real_livekit, room, "avatar-flutter")
             assert answer.status_code == 200, answer.text
             avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, name=name, timeout=60)
             assert answer.json()["participant_id"] == avatar.sid, "the SID the app looks up"
@@ -101,15 +93,7 @@ async def test_an_app_joins_the_avatar_to_its_room_and_it_lip_syncs_the_micropho
             await sub.wait_gone(avatar.identity)
 
             # idle leave: once nobody else is in the room, the avatar goes by itself
-            again = await client.post(
-                "/v1/agents/demo/join-room",
-                json={
-                    "room_url": real_livekit.url,
-                    "room_token": real_livekit.token("avatar-flutter", room, kind="agent"),
-                    "participant_name": name,
-                    "listen_to": "app-user",
-                },
-            )
+            again = await join_room(client, real_livekit, room, "avatar-flutter")
             assert again.status_code == 200, again.text
             await sub.wait_track(rtc.TrackKind.KIND_VIDEO, name=name, timeout=60)
         left_at = time.monotonic()
@@ -148,15 +132,7 @@ async def test_serve_dispatch_sends_a_worker_that_joins_speaks_and_leaves_when_w
         ),
         Subscriber(real_livekit, room, identity="app-viewer") as sub,
     ):
-        answer = await client.post(
-            "/v1/agents/demo/join-room",
-            json={
-                "room_url": real_livekit.url,
-                "room_token": real_livekit.token("avatar-dispatched", room, kind="agent"),
-                "participant_name": name,
-                "listen_to": "app-user",
-            },
-        )
+        answer = await join_room(client, real_livekit, room, "avatar-dispatched")
         assert answer.status_code == 200 and answer.json()["status"] == "dispatched", answer.text
         avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, name=name, timeout=60)
         assert avatar.identity == "avatar-dispatched"

@@ -21,15 +21,23 @@ import statistics
 import time
 
 import pytest
-from real_processes import SERVICE_KEY, avatar_service, avatar_worker, speaking_agent
 
 from livekit import api, rtc
 
-from livekit_real import Subscriber, until
+from livekit_real import ADAPTS_RESOLUTION, Subscriber, until
+from real_processes import SERVICE_KEY, avatar_service, avatar_worker, speaking_agent
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
 
 REMOTE_IDENTITY = "bithuman-avatar-agent"
+
+
+def official_cloud_mode() -> bool:
+    import inspect
+
+    from livekit.plugins import bithuman
+
+    return "avatar_id" in inspect.signature(bithuman.AvatarSession).parameters
 
 
 @contextlib.asynccontextmanager
@@ -63,6 +71,8 @@ async def backend(mode: str, server, tmp_path):
 
 @pytest.mark.parametrize("mode", ["local", "participant", "official", "dispatch"])
 async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
+    if mode == "official" and not official_cloud_mode():
+        pytest.skip("this livekit-plugins-bithuman has no cloud mode")
     agent_name, room_name = f"speaker-{mode}", f"room-{mode}"
     lkapi = real_livekit.api()
     try:
@@ -104,7 +114,11 @@ async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
     (rpc_line,) = [line for line in log.splitlines() if " rpc " in line]
     assert "rpc answer" in rpc_line and '"status": "success"' in rpc_line, rpc_line
     frames = [s for s in sub.video if s.at > started + 1]
-    assert {(s.width, s.height) for s in frames} == {(1280, 720)}, "the published size"
+    sizes = {(s.width, s.height) for s in frames}
+    if ADAPTS_RESOLUTION:  # libwebrtc lowers the resolution of a loaded encoder
+        assert max(sizes) == (1280, 720), sizes
+    else:
+        assert sizes == {(1280, 720)}, "the published size"
     rates = [sub.fps(t, t + 10) for t in (started + 1, started + 5)]
     assert min(rates) >= 24, f"frames per second over 10 s windows: {rates}"
     assert sub.loud_audio(), "the avatar's audio arrived with the speech in it"
