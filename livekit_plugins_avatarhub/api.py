@@ -93,10 +93,13 @@ def _is_error_envelope(body: Any) -> bool:
     )
 
 
-def status_error(response: httpx.Response, what: str, raw: bytes | None = None) -> APIStatusError:
+def status_error(
+    response: httpx.Response, what: str, raw: bytes | None = None, *, advise: bool = True
+) -> APIStatusError:
     """Map an error response (bitHuman's envelope, or anything else) to a typed exception.
 
     An envelope in a 200 answer is an error too: its ``httpStatus`` (else 400) decides the type.
+    ``advise=False`` for a server other than bitHuman's (its message says what to do).
     """
     status = response.status_code
     code = reason = message = None
@@ -132,7 +135,7 @@ def status_error(response: httpx.Response, what: str, raw: bytes | None = None) 
     else:
         cls = APIStatusError
     detail = "; ".join(str(x) for x in (code, message, reason) if x)
-    advice = _ADVICE.get(cls, "")
+    advice = _ADVICE.get(cls, "") if advise else ""
     text = (
         f"{what}: HTTP {status}"
         + (f" ({detail})" if detail else "")

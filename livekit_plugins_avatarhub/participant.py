@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
 
-
 class ServiceAvatar:
     """The participant-mode half of ``AvatarSession``: launch, route speech, leave.
 
@@ -308,7 +307,7 @@ async def launch_avatar(
                     "check service_url / AVATARHUB_SERVICE_URL"
                 ) from None
             if response.status_code >= 400:
-                raise status_error(response, f"avatar service launch of {agent_id}")
+                raise status_error(response, f"avatar service launch of {agent_id}", advise=False)
             data = response.json()
             return data if isinstance(data, dict) else {}
 

@@ -63,6 +63,7 @@ async def test_the_session_says_when_livekit_refuses_its_keys_or_is_not_there(
             took = time.monotonic() - started
             message = str(caught.value)
             assert "\n" not in message and secret not in message, message
+            assert "bitHuman's API" not in message, "the service failed, not bitHuman"
             assert took < 30, f"{mode} at {url}: {took:.1f} s"
 
 

@@ -75,9 +75,7 @@ async def test_an_app_joins_the_avatar_to_its_room_and_it_lip_syncs_the_micropho
                 errors = microphone.communicate()[1].decode(errors="replace")
             # lk v2.18.2 sometimes panics on its way out ("close of closed channel") after a
             # complete publish; what matters here is that the file went out
-            assert "published track" in errors and "disconnected from room" in errors, errors[
-                -2000:
-            ]
+            assert "published track" in errors, errors[-2000:]
             spoke_until = time.monotonic()
             await asyncio.sleep(1.5)
             await sub.stop_recording()
