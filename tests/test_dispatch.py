@@ -1,15 +1,15 @@
-"""Past one machine: avatars on LiveKit's own job dispatch.
+"""Past one machine: avatar workers, against a stand-in of LiveKit's agent protocol.
 
-The LiveKit side is a loopback stand-in speaking LiveKit's real protocols (``livekit_server``):
-``livekit-api`` drives its Twirp AgentDispatchService, and ``livekit-agents``' own worker
-registers on its agent WebSocket, reports load, accepts the job and starts ours. The job's room
-is the duck-typed room.
+What a real server shows is proven in ``test_real_dispatch.py`` and ``test_real_modes.py``.
+Here the LiveKit side is a loopback stand-in (``livekit_server``) for what a real server does
+not let a test see: the load each worker reports, the answers it gives to job offers, and a
+worker leaving the pool on SIGTERM. ``livekit-agents``' own worker is the client; the job's
+room is the duck-typed room.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -23,11 +23,10 @@ from livekit_plugins_avatarhub._compat import agent_worker
 from livekit_plugins_avatarhub.avatar_jobs import AvatarJob, worker_options
 from livekit_plugins_avatarhub.dispatch import AvatarDispatcher
 from livekit_plugins_avatarhub.exceptions import ConfigurationError
-from livekit_plugins_avatarhub.service.dispatched import DispatchManager
 
 from fakes import FakeRoom
 from livekit_server import FakeLiveKitServer
-from service_harness import LK_KEY, LK_SECRET, room_token, serve
+from service_harness import LK_KEY, LK_SECRET
 
 
 @pytest.fixture
@@ -68,88 +67,6 @@ def test_job_metadata_round_trips_and_bad_metadata_says_why():
 
 
 # --- the Twirp AgentDispatchService through livekit-api -----------------------------------
-
-
-async def test_dispatcher_keeps_one_avatar_per_agent_and_room(livekit_server):
-    one, other = AvatarDispatcher(), AvatarDispatcher()  # two replicas of a service
-    try:
-        job = AvatarJob("demo", participant_identity="avatar-1")
-        first = await one.ensure("room-a", job)
-        again = await other.ensure("room-a", job)
-        assert first[1] is True and again == (first[0], False)
-        assert len(livekit_server.dispatches["room-a"]) == 1
-        stored = livekit_server.dispatches["room-a"][0]
-        assert stored.agent_name == "avatarhub-avatar"
-        assert AvatarJob.parse(stored.metadata) == job
-        assert (await one.ensure("room-a", AvatarJob("A91XMB7113")))[1] is True  # another avatar
-        removed = await other.remove("room-a", "demo")
-        assert [j.participant_identity for j in removed] == ["avatar-1"]
-        assert [
-            AvatarJob.parse(d.metadata).agent_id for d in livekit_server.dispatches["room-a"]
-        ] == ["A91XMB7113"]
-        assert "AgentDispatchService/DeleteDispatch" in livekit_server.twirp_calls
-    finally:
-        await one.aclose()
-        await other.aclose()
-
-
-async def test_dispatcher_with_wrong_credentials_gets_livekits_error(livekit_server):
-    dispatcher = AvatarDispatcher(api_secret="not-the-secret-not-the-secret-00")
-    try:
-        with pytest.raises(lkapi.TwirpError) as info:
-            await dispatcher.ensure("room-a", AvatarJob("demo"))
-        assert info.value.code == "unauthenticated"
-    finally:
-        await dispatcher.aclose()
-
-
-# --- serve --dispatch: a stateless front -----------------------------------------------------
-
-
-async def test_serve_dispatch_turns_requests_into_dispatches(livekit_server):
-    replicas = [DispatchManager(AvatarDispatcher()) for _ in range(2)]
-    async with serve(replicas[0]) as a, serve(replicas[1]) as b:
-        flutter = {
-            "room_url": "wss://lk",
-            "room_token": room_token("room-f", "avatar-flutter"),
-            "participant_name": "BitHuman Agent",
-            "listen_to": "user-7",
-        }
-        first = await a.post("/v1/agents/demo/join-room", json=flutter)
-        second = await b.post("/v1/agents/demo/join-room", json=flutter)  # another replica
-        assert first.status_code == second.status_code == 200
-        assert first.json()["status"] == "dispatched" and first.json()["created"] is True
-        assert second.json()["created"] is False
-        assert second.json()["dispatch_id"] == first.json()["dispatch_id"]
-        (dispatch,) = livekit_server.dispatches["room-f"]
-        assert json.loads(dispatch.metadata) == {
-            "agent_id": "demo",
-            "participant_identity": "avatar-flutter",
-            "participant_name": "BitHuman Agent",
-            "listen_to": "user-7",
-        }
-        # the official plugin's launch: the avatar publishes on behalf of the agent
-        launch = await b.post(
-            "/v1/runtime-tokens/request",
-            json={
-                "agent_id": "A91XMB7113",
-                "model": "expression",
-                "livekit_url": "wss://lk",
-                "livekit_token": room_token(
-                    "room-l", "bithuman-avatar-agent", **{"lk.publish_on_behalf": "agent-9"}
-                ),
-                "room_name": "room-l",
-            },
-        )
-        assert launch.status_code == 200, launch.text
-        meta = json.loads(livekit_server.dispatches["room-l"][0].metadata)
-        assert meta["publish_on_behalf"] == "agent-9" and meta["model"] == "expression"
-        assert meta["participant_identity"] == "bithuman-avatar-agent"
-        left = await a.post("/v1/agents/demo/leave-room", json={"room_name": "room-f"})
-        assert left.status_code == 200 and livekit_server.dispatches["room-f"] == []
-        assert (await a.get("/health")).json()["dispatch"] is True
-        metrics = (await a.get("/metrics", headers={"authorization": ""})).text
-        assert 'avatarhub_joins_total{result="created"} 1.0' in metrics
 
 
 # --- the avatar worker: the real livekit-agents worker against the stand-in -----------------
@@ -247,57 +164,6 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
         await dispatcher.aclose()
         await worker.aclose()
         await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 20)
-
-
-# --- AvatarSession(mode="dispatch"): agent code without a service ----------------------------
-
-
-async def test_session_in_dispatch_mode_sends_a_worker_into_its_own_room(livekit_server):
-    from livekit.agents import AgentSession
-    from livekit.agents.voice.avatar import DataStreamAudioOutput
-
-    from livekit_plugins_avatarhub import AvatarSession
-
-    room = FakeRoom("room-agent")  # the agent's own room; its identity is agent-test
-    avatar = AvatarSession(avatar_id="demo", mode="dispatch", model="expression")
-    session = AgentSession()
-    starting = asyncio.create_task(avatar.start(session, room=room))
-    await until(lambda: livekit_server.dispatches.get("room-agent"), what="the dispatch")
-    meta = json.loads(livekit_server.dispatches["room-agent"][0].metadata)
-    assert meta == {
-        "agent_id": "demo",
-        "model": "expression",
-        "participant_identity": "bithuman-avatar-agent",
-        "participant_name": "bithuman-avatar-agent",
-        "publish_on_behalf": "agent-test",
-    }
-    assert not starting.done(), "start() waits for the avatar to join"
-    room.join("bithuman-avatar-agent")  # what the assigned avatar worker does
-    await asyncio.wait_for(starting, 5)
-    try:
-        sink = session.output.audio
-        while sink is not None and not isinstance(sink, DataStreamAudioOutput):
-            sink = getattr(sink, "next_in_chain", None)
-        assert isinstance(sink, DataStreamAudioOutput), "speech goes to the avatar worker"
-        assert avatar.avatar_identity == "bithuman-avatar-agent"
-    finally:
-        await avatar.aclose()
-        await session.aclose()
-    assert livekit_server.dispatches["room-agent"] == [], "aclose took the avatar out"
-
-
-async def test_dispatch_mode_says_when_no_worker_takes_the_avatar(livekit_server, monkeypatch):
-    from livekit.agents import AgentSession, APIConnectOptions
-
-    from livekit_plugins_avatarhub import AvatarHubError, AvatarSession
-    from livekit_plugins_avatarhub.participant import DispatchedAvatar
-
-    avatar = AvatarSession(avatar_id="demo", mode="dispatch", conn_options=APIConnectOptions())
-    assert isinstance(avatar._service, DispatchedAvatar)
-    avatar._service.join_timeout = 0.3
-    with pytest.raises(AvatarHubError, match="worker start"):
-        await avatar.start(AgentSession(), room=FakeRoom("room-none"))
-    assert livekit_server.dispatches["room-none"] == [], "the unanswered dispatch was withdrawn"
 
 
 def test_worker_command_checks_its_own_options():
