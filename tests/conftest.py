@@ -91,13 +91,37 @@ async def avatar_service():  # type: ignore[no-untyped-def]
 # -- a real LiveKit server ------------------------------------------------------------------
 
 
+#: the model hub against bitHuman's REST API: our code, httpx and urllib3 only
+_HUB_MODULES = ("test_hub.py", "test_hub_processes.py")
+_HUB_FIXTURES = {"bithuman_api", "bithuman_env", "company_ca"}
+
+
+def _is_hub_test(item: pytest.Item) -> bool:
+    name = item.path.name
+    if name in _HUB_MODULES:
+        return True
+    return name == "test_hardening.py" and bool(
+        _HUB_FIXTURES & set(getattr(item, "fixturenames", ()))
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """AVATARHUB_REAL_LIVEKIT=off leaves the real-room tests to the envs that run them."""
+    """Tests that need no other version of livekit-agents or bithuman run in some envs only:
+    AVATARHUB_REAL_LIVEKIT=off leaves out the real-room tests, AVATARHUB_HUB_TESTS=off the
+    model hub's (tox.ini says which envs run them)."""
     import os
 
-    if os.environ.get("AVATARHUB_REAL_LIVEKIT") != "off":
+    for item in items:
+        if _is_hub_test(item):
+            item.add_marker(pytest.mark.hub)
+    left_out = []
+    if os.environ.get("AVATARHUB_REAL_LIVEKIT") == "off":
+        left_out.append("livekit_real")
+    if os.environ.get("AVATARHUB_HUB_TESTS") == "off":
+        left_out.append("hub")
+    if not left_out:
         return
-    kept = [item for item in items if "livekit_real" not in item.keywords]
+    kept = [item for item in items if not any(m in item.keywords for m in left_out)]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in kept])
         items[:] = kept

@@ -66,6 +66,13 @@ class SpeakingSession(AgentSession):  # type: ignore[misc]
 
         says = int(os.environ.get("AVATARHUB_TEST_SAYS", "2"))
         pause = float(os.environ.get("AVATARHUB_TEST_PAUSE", "3"))
+        avatar = AVATARS[-1]
+        if os.environ.get("AVATARHUB_TEST_MODE", "local") != "local":  # a participant of its own
+            if hasattr(avatar, "wait_for_join"):  # the official plugin's from livekit-agents 1.5.13
+                await avatar.wait_for_join(timeout=60)
+                say("avatar joined")
+            else:
+                say("avatar has no wait_for_join")
         await asyncio.sleep(float(os.environ.get("AVATARHUB_TEST_DELAY", "2")))
         for n in range(says):
             say(f"speaking sample {n}")
@@ -74,7 +81,6 @@ class SpeakingSession(AgentSession):  # type: ignore[misc]
             say(f"said sample {n}")
             await asyncio.sleep(pause)
         room = get_job_context().room
-        avatar = AVATARS[-1]
         try:  # bitHuman's documented cloud call, written against avatar.avatar_identity
             answer = await room.local_participant.perform_rpc(
                 destination_identity=avatar.avatar_identity,
@@ -84,6 +90,13 @@ class SpeakingSession(AgentSession):  # type: ignore[misc]
             say(f"rpc answer {answer}")
         except Exception as err:
             say(f"rpc error {type(err).__name__}: {err}")
+        await asyncio.sleep(1)
+        handle = self.say("interrupted", audio=speech(), allow_interruptions=True)
+        await asyncio.sleep(2)
+        say("interrupting")
+        handle.interrupt()
+        await handle.wait_for_playout()
+        say("interrupted")
 
 
 def load_example(plugin_import: str) -> Any:

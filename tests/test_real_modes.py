@@ -15,6 +15,7 @@ another participant and for bitHuman's documented call from the agent itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import statistics
@@ -96,7 +97,6 @@ async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
             sub.record(avatar)
             started = time.monotonic()
             await until(lambda: time.monotonic() - started > 16, 30, "16 s of the avatar")
-            await sub.stop_recording()
             # another participant plays a gesture
             answer = await sub.room.local_participant.perform_rpc(
                 destination_identity=avatar.identity,
@@ -106,14 +106,29 @@ async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
             assert json.loads(answer)["status"] == "success", answer
             # the agent's own call, as bitHuman documents it for the cloud
             await until(lambda: " rpc " in agent.text(), 60, "the agent's trigger_dynamics call")
+            await until(lambda: " interrupted" in agent.text(), 30, "the interrupted reply")
+            await asyncio.sleep(2)
+            await sub.stop_recording()
             log = agent.text()
     finally:
         await lkapi.aclose()
 
     assert "said sample 0" in log, "playback finished came back to the agent"
+    if mode in ("participant", "dispatch"):
+        assert "avatar joined" in log, "wait_for_join() returned"
+    elif mode == "official":
+        assert "avatar joined" in log or "no wait_for_join" in log
+    # the interruption clears the reply: talking before it, the mouth shut from 0.5 s after
+    cut = next(
+        float(line.split()[0]) for line in log.splitlines() if line.endswith(" interrupting")
+    )
+    before = [s.mouth for s in sub.video if cut - 1.5 < s.at < cut]
+    after = [s.mouth for s in sub.video if cut + 0.5 < s.at < cut + 2]
+    assert max(before) > 0.15, "the interrupted reply was being spoken"
+    assert after and max(after) < 0.05, f"the mouth still moves after the interruption: {after}"
     (rpc_line,) = [line for line in log.splitlines() if " rpc " in line]
     assert "rpc answer" in rpc_line and '"status": "success"' in rpc_line, rpc_line
-    frames = [s for s in sub.video if s.at > started + 1]
+    frames = [s for s in sub.video if started + 1 < s.at < started + 16]
     sizes = {(s.width, s.height) for s in frames}
     if ADAPTS_RESOLUTION:  # libwebrtc lowers the resolution of a loaded encoder
         assert all(w <= 1280 and abs(w / h - 16 / 9) < 0.1 for w, h in sizes), sizes
