@@ -334,7 +334,9 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         self._runner = avatar_runner(room, generator, audio_sink, self._video_options)
         await self._runner.start()
         _compat.replace_audio_output(agent_session, audio_sink)
-        self._stop_answering = answer_in_process(room.local_participant, self._push_action)
+        self._stop_answering = answer_in_process(
+            room.local_participant, lambda action, force: self.trigger(action, force=force)
+        )
         logger.info(
             "avatar started",
             extra={
@@ -343,11 +345,6 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 "fps": generator.video_fps,
             },
         )
-
-    async def _push_action(self, action: str, force: bool) -> None:
-        from bithuman import VideoControl
-
-        await self.runtime.push(VideoControl(action=action, force_action=force))
 
     async def _load_runtime(self) -> AvatarRuntime:
         if self._runtime is not None:  # prewarmed: make it ready for this job

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import ConfigurationError
 from .log import logger
-from .settings import is_agent_code, is_demo, model_family
+from .settings import env_or, is_agent_code, is_demo, model_family
 
 if TYPE_CHECKING:
     from livekit.agents import JobContext, JobProcess, JobRequest
@@ -373,7 +373,7 @@ class _StopWhenKeysRefused(logging.Filter):
             return True  # unreachable: LiveKit's backoff is right
         if not self.said:
             self.said = True
-            url = os.environ.get("LIVEKIT_URL") or "LIVEKIT_URL"
+            url = env_or(None, "LIVEKIT_URL") or "LIVEKIT_URL"
             logger.error(
                 "LiveKit at %s refused the worker's API key and secret (HTTP 401); check "
                 "LIVEKIT_API_KEY and LIVEKIT_API_SECRET",

@@ -17,7 +17,6 @@ reconnects (``reconnecting`` meanwhile).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +31,7 @@ from ..loader import OpenedAvatar
 from ..log import logger
 from ..publish import VideoPublishOptions, avatar_runner
 from ..runtime import AvatarRuntime
+from ..settings import env_or
 from .tokens import token_claims, token_room
 
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -175,7 +175,7 @@ class AvatarWorker:
         self, identity: str, rename: str | None, leaked: dict[str, str]
     ) -> bool:
         """RoomService.UpdateParticipant with the service's credentials; False without them."""
-        key, secret = os.environ.get("LIVEKIT_API_KEY"), os.environ.get("LIVEKIT_API_SECRET")
+        key, secret = env_or(None, "LIVEKIT_API_KEY"), env_or(None, "LIVEKIT_API_SECRET")
         room_name = token_room(self._token or "")
         if not (key and secret and self._room_url and room_name):
             return False
