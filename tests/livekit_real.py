@@ -287,13 +287,15 @@ class Subscriber:
         await self.stop_recording()
         await self.room.disconnect()
 
-    def participant(
+    def participants(
         self, *, identity: str | None = None, name: str | None = None
-    ) -> rtc.RemoteParticipant | None:
-        for p in self.room.remote_participants.values():
-            if (identity is None or p.identity == identity) and (name is None or p.name == name):
-                return p
-        return None
+    ) -> list[rtc.RemoteParticipant]:
+        """The remote participants with this identity and name (either may be left open)."""
+        return [
+            p
+            for p in self.room.remote_participants.values()
+            if (identity is None or p.identity == identity) and (name is None or p.name == name)
+        ]
 
     async def wait_track(
         self,
@@ -305,11 +307,7 @@ class Subscriber:
     ) -> tuple[rtc.RemoteParticipant, rtc.RemoteTrack]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for p in list(self.room.remote_participants.values()):
-                if (identity is not None and p.identity != identity) or (
-                    name is not None and p.name != name
-                ):
-                    continue
+            for p in self.participants(identity=identity, name=name):
                 for pub in p.track_publications.values():
                     if pub.kind == kind and pub.subscribed and pub.track is not None:
                         return p, pub.track  # type: ignore[return-value]
@@ -407,7 +405,7 @@ class Subscriber:
         return out
 
 
-async def until(condition: Any, timeout: float = 30.0, what: str = "") -> None:
+async def until(condition: Any, timeout: float = 15.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

@@ -50,6 +50,18 @@ async def spawn(name: str, tmp_path: Path, *argv: str, **env: str) -> Process:
 
 
 @contextlib.asynccontextmanager
+async def registered(process: Process) -> AsyncIterator[Process]:
+    """Until LiveKit's worker in ``process`` says it registered; stops it on the way out."""
+    try:
+        await until(
+            lambda: process.alive() and "registered worker" in process.text(), 90, "registration"
+        )
+        yield process
+    finally:
+        await process.stop()
+
+
+@contextlib.asynccontextmanager
 async def speaking_agent(
     server: LiveKitServer, tmp_path: Path, agent_name: str, **env: str
 ) -> AsyncIterator[Process]:
@@ -64,13 +76,8 @@ async def speaking_agent(
         BITHUMAN_AVATAR_ID="demo",
         **env,
     )
-    try:
-        await until(
-            lambda: agent.alive() and "registered worker" in agent.text(), 90, "registration"
-        )
+    async with registered(agent):
         yield agent
-    finally:
-        await agent.stop()
 
 
 @contextlib.asynccontextmanager
@@ -93,13 +100,8 @@ async def avatar_worker(
         **server.env(),
         **env,
     )
-    try:
-        await until(
-            lambda: worker.alive() and "registered worker" in worker.text(), 90, "registration"
-        )
+    async with registered(worker):
         yield worker
-    finally:
-        await worker.stop()
 
 
 @contextlib.asynccontextmanager

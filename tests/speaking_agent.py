@@ -23,7 +23,6 @@ import os
 import sys
 import time
 import types
-import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -33,20 +32,22 @@ from livekit.agents import AgentSession, WorkerOptions, cli
 from livekit import rtc
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "livekit_plugins_avatarhub" / "assets" / "hello.wav"
 OURS = "from livekit.plugins import avatarhub as bithuman"
 OFFICIAL = "from livekit.plugins import bithuman"
 AVATARS: list[Any] = []  # the AvatarSessions the example created, in this job's process
 
 
-async def speech(path: Path = SAMPLE) -> AsyncIterator[rtc.AudioFrame]:
-    with wave.open(str(path)) as w:
-        rate, channels = w.getframerate(), w.getnchannels()
-        pcm = w.readframes(w.getnframes())
-    step = rate // 50 * 2 * channels  # 20 ms
-    for start in range(0, len(pcm), step):
+async def speech(rate: int = 16000) -> AsyncIterator[rtc.AudioFrame]:
+    """The bundled sample (what ``render demo`` speaks) in 20 ms frames."""
+    import numpy as np
+
+    from livekit_plugins_avatarhub.render import SAMPLE_AUDIO, decode_audio
+
+    pcm = np.concatenate(list(decode_audio(SAMPLE_AUDIO, rate)))
+    step = rate // 50
+    for start in range(0, pcm.size, step):
         part = pcm[start : start + step]
-        yield rtc.AudioFrame(part, rate, channels, len(part) // (2 * channels))
+        yield rtc.AudioFrame(part.tobytes(), rate, 1, part.size)
 
 
 def say(line: str) -> None:

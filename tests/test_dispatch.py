@@ -25,6 +25,7 @@ from livekit_plugins_avatarhub.dispatch import AvatarDispatcher
 from livekit_plugins_avatarhub.exceptions import ConfigurationError
 
 from fakes import FakeRoom
+from livekit_real import until
 from livekit_server import FakeLiveKitServer
 from service_harness import LK_KEY, LK_SECRET
 
@@ -37,14 +38,6 @@ async def livekit_server(monkeypatch):
     monkeypatch.setenv("LIVEKIT_API_SECRET", LK_SECRET)
     yield server
     await server.stop()
-
-
-async def until(condition, timeout: float = 15.0, what: str = "") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.05)
 
 
 # --- the job's metadata ---------------------------------------------------------------------

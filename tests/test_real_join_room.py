@@ -15,13 +15,12 @@ import time
 import pytest
 
 from livekit import rtc
+from livekit_plugins_avatarhub.render import SAMPLE_AUDIO
 
 from livekit_real import Subscriber, clean_env, find_tool, until
 from real_processes import avatar_service, join_room
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
-
-SAMPLE = "livekit_plugins_avatarhub/assets/hello.wav"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def speech_ogg(tmp_path_factory):
     path = tmp_path_factory.mktemp("media") / "speech.ogg"
     subprocess.run(
         [
-            *("ffmpeg", "-loglevel", "error", "-i", SAMPLE, "-ar", "48000", "-ac", "1"),
+            *("ffmpeg", "-loglevel", "error", "-i", str(SAMPLE_AUDIO), "-ar", "48000", "-ac", "1"),
             *("-c:a", "libopus", "-page_duration", "20000", str(path)),
         ],
         check=True,
