@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from livekit import api, rtc
+from livekit_plugins_avatarhub.demo.face import DemoRuntime  # slow to import: not mid-recording
 
 ROOT = Path(__file__).resolve().parents[1]
 #: where scripts/install-livekit puts the binaries (AVATARHUB_LIVEKIT_BIN overrides)
@@ -233,6 +234,7 @@ class VideoSample:
     width: int
     height: int
     mouth: float  # share of the demo avatar's mouth box painted as an open mouth
+    shown: float  # when libwebrtc meant it shown (its clock is time.monotonic()'s, in µs)
 
 
 @dataclass
@@ -243,8 +245,6 @@ class AudioSample:
 
 def demo_mouth_box(width: int, height: int) -> tuple[int, int, int, int]:
     """Where the demo avatar's mouth is drawn in a frame of this size."""
-    from livekit_plugins_avatarhub.demo.face import DemoRuntime
-
     return DemoRuntime(output_size=(width, height)).mouth_box()
 
 
@@ -362,7 +362,11 @@ class Subscriber:
                 assert box is not None
                 self.video.append(
                     VideoSample(
-                        time.monotonic(), frame.width, frame.height, mouth_openness(rgba, box)
+                        time.monotonic(),
+                        frame.width,
+                        frame.height,
+                        mouth_openness(rgba, box),
+                        event.timestamp_us / 1e6,
                     )
                 )
         finally:
@@ -381,7 +385,9 @@ class Subscriber:
     # -- what the recording says ---------------------------------------------------------
 
     def fps(self, since: float, until: float) -> float:
-        n = sum(1 for s in self.video if since <= s.at < until)
+        """Frames per second a viewer was shown: counted by the frames' own timestamps, so a
+        moment in which this process fell behind and then caught up does not count."""
+        n = sum(1 for s in self.video if since <= s.shown < until)
         return n / (until - since)
 
     def loud_audio(self, threshold: float = 0.02) -> list[AudioSample]:
