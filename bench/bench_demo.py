@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from livekit_plugins_avatarhub.demo import DemoRuntime, FrameState
-from livekit_plugins_avatarhub.render import SAMPLE_AUDIO, render
+from livekit_plugins_avatarhub.rendering.demo import DemoRuntime, FrameState
+from livekit_plugins_avatarhub.rendering.mp4 import SAMPLE_AUDIO, render
 
 
 def main() -> None:

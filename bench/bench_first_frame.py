@@ -66,7 +66,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     from livekit_plugins_avatarhub import AvatarSession, _compat
-    from livekit_plugins_avatarhub.demo import DemoRuntime
+    from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
 
     from fakes import FakeBithuman, write_fake_model
 

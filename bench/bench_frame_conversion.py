@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from livekit import rtc
-from livekit_plugins_avatarhub.generator import FrameConverter
+from livekit_plugins_avatarhub.rendering.generator import FrameConverter
 
 
 def official(image: np.ndarray) -> rtc.VideoFrame:

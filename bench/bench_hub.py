@@ -43,7 +43,7 @@ def _child_peak_rss_mb(api_base: str, cache: str) -> tuple[float, float]:
         "def hwm():\n"
         "    text = open('/proc/self/status').read()\n"
         "    return int(re.search(r'VmHWM:\\s+(\\d+)', text).group(1)) / 1024\n"
-        "from livekit_plugins_avatarhub.hub import ModelHub\n"
+        "from livekit_plugins_avatarhub.hub.resolver import ModelHub\n"
         "base = hwm()\n"
         f"hub = ModelHub(api_secret={SECRET!r}, api_base={api_base!r})\n"
         f"asyncio.run(hub.resolve({CODE!r}))\n"
@@ -107,7 +107,7 @@ def _process_cpu(pid: int) -> float:
 async def run(mb: int, runs: int, api_base: str, server_pid: int) -> None:
     import httpx
 
-    from livekit_plugins_avatarhub.hub import ModelHub
+    from livekit_plugins_avatarhub.hub.resolver import ModelHub
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["BITHUMAN_CACHE_DIR"] = tmp

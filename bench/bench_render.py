@@ -28,9 +28,9 @@ async def draw(width: int, height: int) -> tuple[list[np.ndarray], int]:
     from livekit.agents.voice.avatar import AudioSegmentEnd
 
     from livekit import rtc
-    from livekit_plugins_avatarhub.demo import DemoRuntime
-    from livekit_plugins_avatarhub.generator import RuntimeVideoGenerator
-    from livekit_plugins_avatarhub.render import SAMPLE_AUDIO, decode_audio
+    from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
+    from livekit_plugins_avatarhub.rendering.generator import RuntimeVideoGenerator
+    from livekit_plugins_avatarhub.rendering.mp4 import SAMPLE_AUDIO, decode_audio
 
     runtime = await DemoRuntime.create(output_size=(width, height), realtime=False)
     generator = await RuntimeVideoGenerator.create(runtime)
@@ -112,8 +112,8 @@ def end_to_end(runs: int) -> None:
     import tempfile
     from pathlib import Path
 
-    from livekit_plugins_avatarhub import render as render_module
-    from livekit_plugins_avatarhub.demo import DemoRuntime
+    from livekit_plugins_avatarhub.rendering import mp4 as render_module
+    from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
 
     async def once(depth: int, preset: str, crf: int) -> tuple[float, int]:
         render_module.PIPELINE_DEPTH = depth

@@ -16,6 +16,7 @@ from . import exceptions as _exceptions
 from ._retry import RetryPolicy
 from .api import BithumanAPI
 from .avatar import AvatarSession
+from .config import DEMO_AVATAR_ID
 from .exceptions import (
     AgentGenerationFailedError,
     AgentNotReadyError,
@@ -44,18 +45,17 @@ from .exceptions import (
     ServiceUnavailableError,
 )
 from .gestures import GestureTrigger
-from .hub import AvatarResolver, CachedModelResolver, ModelHub, prefetch
-from .loader import OpenedAvatar, create_runtime, open_avatar
+from .hub.resolver import AvatarResolver, CachedModelResolver, ModelHub, prefetch
 from .log import logger
-from .publish import VideoPublishOptions
-from .runtime import AvatarRuntime
-from .settings import DEMO_AVATAR_ID
+from .rendering.loader import OpenedAvatar, create_runtime, open_avatar
+from .rendering.publish import VideoPublishOptions
+from .rendering.runtime import AvatarRuntime
 from .version import __version__
 
 if TYPE_CHECKING:
     from bithuman import VideoControl
 
-    from .demo import DemoRuntime
+    from .rendering.demo import DemoRuntime
 
 __all__ = [
     "DEMO_AVATAR_ID",
@@ -82,7 +82,7 @@ __all__ = [
 # Loaded on first access, so `import livekit_plugins_avatarhub` stays free of bithuman (~50 MB).
 _LAZY = {
     "VideoControl": ("bithuman", "VideoControl"),
-    "DemoRuntime": ("livekit_plugins_avatarhub.demo", "DemoRuntime"),
+    "DemoRuntime": ("livekit_plugins_avatarhub.rendering.demo", "DemoRuntime"),
 }
 
 

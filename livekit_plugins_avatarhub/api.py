@@ -18,6 +18,17 @@ from typing import Any
 import httpx
 
 from ._retry import RetryPolicy, parse_retry_after, with_retries
+from .config import (
+    CERTIFICATE_HINT,
+    api_deadline,
+    bithuman_secret,
+    redact,
+    scrub,
+    tls_context,
+    untrusted_certificate,
+    validate_avatar_id,
+)
+from .config import api_base as resolve_api_base
 from .exceptions import (
     AgentGenerationFailedError,
     AgentNotReadyError,
@@ -34,17 +45,6 @@ from .exceptions import (
     RateLimitedError,
     ServiceUnavailableError,
 )
-from .settings import (
-    CERTIFICATE_HINT,
-    api_deadline,
-    bithuman_secret,
-    redact,
-    scrub,
-    tls_context,
-    untrusted_certificate,
-    validate_avatar_id,
-)
-from .settings import api_base as resolve_api_base
 
 _BY_CODE: dict[str, type[APIStatusError]] = {
     "MODEL_ARTIFACT_NOT_READY": ModelNotReadyError,

@@ -17,9 +17,9 @@ from livekit.agents.voice.avatar import AvatarRunner
 
 from livekit import rtc
 
-from . import _compat, settings
+from . import _compat, config
 from ._retry import RetryPolicy
-from .dynamics_rpc import answer_in_process
+from .config import DEMO_AVATAR_ID, env_or, is_cloud_only, is_demo, model_family, redact
 from .exceptions import (
     CLOUD_PLUGIN_HINT,
     AvatarHubError,
@@ -27,19 +27,19 @@ from .exceptions import (
     ConfigurationError,
     MissingSecretError,
 )
-from .generator import RuntimeVideoGenerator
-from .loader import OpenedAvatar, check_model_file, check_output_size, open_avatar
 from .log import logger
-from .publish import VideoPublishOptions, avatar_runner
-from .runtime import AvatarRuntime, renew_for_job
-from .settings import DEMO_AVATAR_ID, env_or, is_cloud_only, is_demo, model_family, redact
+from .remote.protocol import answer_in_process
+from .rendering.generator import RuntimeVideoGenerator
+from .rendering.loader import OpenedAvatar, check_model_file, check_output_size, open_avatar
+from .rendering.publish import VideoPublishOptions, avatar_runner
+from .rendering.runtime import AvatarRuntime, renew_for_job
 
 if TYPE_CHECKING:
     from bithuman import VideoControl
     from livekit.agents import AgentSession
 
-    from .hub import AvatarResolver
-    from .participant import ServiceAvatar
+    from .backends.service import ServiceAvatar
+    from .hub.resolver import AvatarResolver
 
 _AVATAR_PARTICIPANT = "bithuman-avatar-agent"
 
@@ -93,9 +93,9 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 "runtime; create an agent from the photo and pass avatar_id=, or "
                 f"{CLOUD_PLUGIN_HINT}"
             )
-        self._api_url = settings.runtime_auth_url(api_url)
-        self._api_secret = settings.bithuman_secret(api_secret)
-        self._api_token = settings.bithuman_token(api_token)
+        self._api_url = config.runtime_auth_url(api_url)
+        self._api_secret = config.bithuman_secret(api_secret)
+        self._api_token = config.bithuman_token(api_token)
         self._model = model if utils.is_given(model) and model else None
         if self._model is not None and not is_cloud_only(self._model):
             model_family(self._model)  # rejects unknown names now, not at start()
@@ -127,7 +127,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         self._closed = False
 
     def _dispatched_avatar(self, runtime: AvatarRuntime | None) -> ServiceAvatar:
-        from .participant import DispatchedAvatar
+        from .backends.service import DispatchedAvatar
 
         if self._model_path or runtime is not None or not self._avatar_id:
             raise ConfigurationError(
@@ -139,16 +139,16 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
             model=self._model,
             identity=self._participant_identity,
             name=self._participant_name,
-            agent_name=settings.avatar_agent_name(),
+            agent_name=config.avatar_agent_name(),
             join_timeout=max(self._conn_options.timeout, 60.0),
         )
 
     def _service_avatar(
         self, url: NotGivenOr[str], key: NotGivenOr[str], runtime: AvatarRuntime | None
     ) -> ServiceAvatar:
-        from .participant import ServiceAvatar
+        from .backends.service import ServiceAvatar
 
-        service_url = settings.service_url(url)
+        service_url = config.service_url(url)
         if not service_url:
             raise ConfigurationError(
                 "mode='participant' needs the avatar service: pass service_url= or set "
@@ -162,7 +162,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         assert self._avatar_id is not None
         return ServiceAvatar(
             service_url=service_url,
-            service_key=settings.service_key(key),
+            service_key=config.service_key(key),
             agent_id=self._avatar_id,
             model=self._model,
             identity=self._participant_identity,
@@ -186,7 +186,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
             )
             arg_path = None
         if not arg_id and not arg_path:
-            env_id, env_path = settings.avatar_from_env()
+            env_id, env_path = config.avatar_from_env()
             if env_id and env_path and self._runtime is None:
                 raise ConfigurationError(
                     "both BITHUMAN_AVATAR_ID and BITHUMAN_MODEL_PATH are set; unset one, or pass "
@@ -200,7 +200,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 "BITHUMAN_MODEL_PATH"
             )
         if arg_id and not is_demo(arg_id):
-            settings.validate_avatar_id(arg_id)
+            config.validate_avatar_id(arg_id)
         if arg_path and Path(arg_path).expanduser().is_file():
             check_model_file(arg_path)  # an empty file is refused now, not blamed on the network
         if arg_path and self._model is not None:

@@ -34,7 +34,7 @@ def _progress_bar(desc: str) -> tuple[Callable[[int, int | None], None], Callabl
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from .hub import ModelHub
+    from .hub.resolver import ModelHub
 
     async def pull() -> int:
         status = 0
@@ -75,7 +75,7 @@ async def _verified(hub: Any, code: str, path: Any) -> bool:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .cache import ModelCache
+    from .hub.cache import ModelCache
 
     entries = ModelCache().entries()
     if not entries:
@@ -95,8 +95,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .cache import ModelCache
-    from .settings import validate_avatar_id
+    from .config import validate_avatar_id
+    from .hub.cache import ModelCache
 
     cache = ModelCache()
     status = 0
@@ -111,7 +111,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .cache import ModelCache
+    from .hub.cache import ModelCache
 
     evicted = ModelCache().evict(int(args.max_gb * (1 << 30)))
     for e in evicted:
@@ -182,7 +182,7 @@ def _api_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import settings
+    from . import config
 
     parser = argparse.ArgumentParser(
         prog="python -m livekit_plugins_avatarhub",
@@ -226,14 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT (default: 1280x720)")
     p.add_argument(
         "--preset",
-        default=settings.DEFAULT_RENDER_PRESET,
+        default=config.DEFAULT_RENDER_PRESET,
         help="libx264 preset: ultrafast ... veryslow (default: %(default)s); faster presets "
         "encode sooner into larger files",
     )
     p.add_argument(
         "--crf",
         type=_crf,
-        default=settings.DEFAULT_RENDER_CRF,
+        default=config.DEFAULT_RENDER_CRF,
         help="libx264 quality, 0-51, lower is better and larger (default: %(default)s)",
     )
     p.add_argument("--model", help="model family when AVATAR is an agent code")
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
     if given[:1] == ["worker"]:  # LiveKit's own worker CLI parses the rest
-        from .avatar_jobs import main as worker_main
+        from .remote.jobs import main as worker_main
 
         return worker_main(given[1:])
     parser = build_parser()
@@ -337,8 +337,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .exceptions import ConfigurationError
-    from .loader import open_avatar, split_source
-    from .render import SAMPLE_AUDIO, check_encoder, render
+    from .rendering.loader import open_avatar, split_source
+    from .rendering.mp4 import SAMPLE_AUDIO, check_encoder, render
 
     try:
         check_encoder(args.preset, args.crf)
@@ -484,10 +484,10 @@ def cmd_agents_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_gestures(args: argparse.Namespace) -> int:
-    from .settings import is_demo
+    from .config import is_demo
 
     if is_demo(args.agent_id):
-        from .demo import DemoRuntime
+        from .rendering.demo import DemoRuntime
 
         for action in DemoRuntime.ACTIONS:
             print(action)
@@ -507,7 +507,7 @@ def cmd_gestures(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import settings
+    from . import config
 
     try:
         from .service.app import serve
@@ -516,12 +516,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"error: {err}; install the service extra: "
             "pip install 'livekit-plugins-avatarhub[service]'"
         ) from None
-    key = settings.service_key(args.key)
+    key = config.service_key(args.key)
     if not key:
         raise SystemExit("error: set AVATARHUB_SERVICE_KEY (or --key): clients must authenticate")
     if args.max_workers < 1:
         raise SystemExit("error: --max-workers must be at least 1")
-    secret = settings.bithuman_secret(args.api_secret)
+    secret = config.bithuman_secret(args.api_secret)
     try:
         _serve(args, serve, key, secret)
     except OSError as err:  # the address is taken, or not this machine's

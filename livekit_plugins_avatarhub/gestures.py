@@ -114,10 +114,10 @@ class GestureTrigger:
 
         ``agent_id="demo"`` uses the demo avatar's gestures, with no request.
         """
-        from .settings import is_demo
+        from .config import is_demo
 
         if is_demo(agent_id):
-            from .demo import DemoRuntime
+            from .rendering.demo import DemoRuntime
 
             return cls(target, DemoRuntime.ACTIONS, **options)
         from .api import BithumanAPI

@@ -78,7 +78,7 @@ async def avatar_service():  # type: ignore[no-untyped-def]
     """The self-hosted avatar service (HTTP on 127.0.0.1) with demo workers in loopback rooms:
     yields (client with the key, the workers' Harness, the WorkerManager)."""
     pytest.importorskip("aiohttp")
-    from livekit_plugins_avatarhub.service import WorkerManager
+    from livekit_plugins_avatarhub.service.manager import WorkerManager
 
     from service_harness import Harness, serve
 

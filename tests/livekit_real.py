@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from livekit import api, rtc
-from livekit_plugins_avatarhub.demo.face import DemoRuntime  # slow to import: not mid-recording
+from livekit_plugins_avatarhub.rendering.demo.face import (
+    DemoRuntime,  # slow to import: not mid-recording
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: where scripts/install-livekit puts the binaries (AVATARHUB_LIVEKIT_BIN overrides)

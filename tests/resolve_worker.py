@@ -8,7 +8,7 @@ import hashlib
 import sys
 
 from livekit_plugins_avatarhub import RetryPolicy
-from livekit_plugins_avatarhub.hub import ModelHub
+from livekit_plugins_avatarhub.hub.resolver import ModelHub
 
 SECRET = "sk-test-0123456789abcdef"
 

@@ -43,7 +43,7 @@ def sample_pcm(rate: int) -> Any:
     """The bundled sample (what ``render demo`` speaks), decoded once."""
     import numpy as np
 
-    render = sys.modules["livekit_plugins_avatarhub.render"]  # imported on the main thread
+    render = sys.modules["livekit_plugins_avatarhub.rendering.mp4"]  # imported on the main thread
     return np.concatenate(list(render.decode_audio(render.SAMPLE_AUDIO, rate)))
 
 
@@ -54,7 +54,7 @@ async def speech(rate: int = 16000) -> AsyncIterator[rtc.AudioFrame]:
     at once would be a different test: livekit-agents 1.8 then estimates its speaking rate in
     one go, blocking this loop for 110-130 ms at each reply, which costs the avatar 3 frames
     (see the catch-up rule of ``RuntimeVideoGenerator._stream``)."""
-    import livekit_plugins_avatarhub.render  # noqa: F401  (LiveKit plugins register on this thread)
+    import livekit_plugins_avatarhub.rendering.mp4  # noqa: F401  (LiveKit plugins register on this thread)
 
     pcm = await asyncio.to_thread(sample_pcm, rate)
     step = rate // 50

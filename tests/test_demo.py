@@ -15,8 +15,8 @@ import pytest
 from livekit import rtc
 from livekit_plugins_avatarhub import AvatarSession, VideoControl
 from livekit_plugins_avatarhub.cli import main
-from livekit_plugins_avatarhub.demo import DemoRuntime, FrameState
-from livekit_plugins_avatarhub.render import SAMPLE_AUDIO
+from livekit_plugins_avatarhub.rendering.demo import DemoRuntime, FrameState
+from livekit_plugins_avatarhub.rendering.mp4 import SAMPLE_AUDIO
 
 from fakes import sine_frames
 from test_session_pipeline import running
@@ -128,7 +128,7 @@ def test_render_bad_encoder_options_are_one_line(tmp_path, capsys, option, value
 
 
 async def test_an_encoder_failure_mid_render_leaves_no_file(tmp_path, monkeypatch):
-    from livekit_plugins_avatarhub import render as render_module
+    from livekit_plugins_avatarhub.rendering import mp4 as render_module
 
     calls = 0
     original = render_module._Mp4Writer.video
@@ -151,7 +151,7 @@ async def test_an_encoder_failure_mid_render_leaves_no_file(tmp_path, monkeypatc
 
 async def test_an_audio_encoder_failure_stops_the_video_encoder_too(tmp_path, monkeypatch):
     """Audio and video encode on separate threads; a failure on either stops both."""
-    from livekit_plugins_avatarhub import render as render_module
+    from livekit_plugins_avatarhub.rendering import mp4 as render_module
 
     events: list[str] = []
     video, audio = render_module._Mp4Writer.video, render_module._Mp4Writer.audio

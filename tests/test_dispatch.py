@@ -18,11 +18,11 @@ from livekit import rtc
 pytest.importorskip("aiohttp")
 
 from livekit import api as lkapi
-from livekit_plugins_avatarhub import avatar_jobs
 from livekit_plugins_avatarhub._compat import agent_worker
-from livekit_plugins_avatarhub.avatar_jobs import AvatarJob, worker_options
-from livekit_plugins_avatarhub.dispatch import AvatarDispatcher
 from livekit_plugins_avatarhub.exceptions import ConfigurationError
+from livekit_plugins_avatarhub.remote import jobs as avatar_jobs
+from livekit_plugins_avatarhub.remote.dispatcher import AvatarDispatcher
+from livekit_plugins_avatarhub.remote.jobs import AvatarJob, worker_options
 
 from fakes import FakeRoom
 from livekit_real import until

@@ -21,7 +21,7 @@ pytest.importorskip("aiohttp")
 
 from aiohttp import web
 
-from livekit_plugins_avatarhub.service import WorkerManager
+from livekit_plugins_avatarhub.service.manager import WorkerManager
 
 from fakes import FakeRoom
 from service_harness import KEY, LK_KEY, LK_SECRET, Harness, room_token, serve, sid_of

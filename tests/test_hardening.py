@@ -38,16 +38,16 @@ from livekit_plugins_avatarhub import (
     RateLimitedError,
     RetryPolicy,
 )
-from livekit_plugins_avatarhub.cache import ModelCache
-from livekit_plugins_avatarhub.download import RateRule
+from livekit_plugins_avatarhub.config import tls_context, validate_avatar_id
 from livekit_plugins_avatarhub.exceptions import (
     APIConnectionError,
     APIError,
     APIStatusError,
     InvalidAvatarIdError,
 )
-from livekit_plugins_avatarhub.hub import safe_filename
-from livekit_plugins_avatarhub.settings import tls_context, validate_avatar_id
+from livekit_plugins_avatarhub.hub.resolver import safe_filename
+from livekit_plugins_avatarhub.hub.cache import ModelCache
+from livekit_plugins_avatarhub.hub.download import RateRule
 
 from bithuman_server import SECRET, FakeBithumanService
 
@@ -542,8 +542,8 @@ def test_render_into_a_directory_is_one_line(tmp_path: Path):
 
 async def test_a_storage_failure_never_shows_the_signature(tmp_path):
     from livekit_plugins_avatarhub._retry import RetryPolicy
-    from livekit_plugins_avatarhub.download import download, storage_client
     from livekit_plugins_avatarhub.exceptions import APIConnectionError
+    from livekit_plugins_avatarhub.hub.download import download, storage_client
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -26,10 +26,10 @@ from livekit_plugins_avatarhub import (
     RetryPolicy,
     ServiceUnavailableError,
 )
-from livekit_plugins_avatarhub.cache import ModelCache
-from livekit_plugins_avatarhub.download import check_download_url
 from livekit_plugins_avatarhub.exceptions import APIError, InvalidAvatarIdError
-from livekit_plugins_avatarhub.hub import ModelHub, prefetch, safe_filename
+from livekit_plugins_avatarhub.hub.resolver import ModelHub, prefetch, safe_filename
+from livekit_plugins_avatarhub.hub.cache import ModelCache
+from livekit_plugins_avatarhub.hub.download import check_download_url
 
 from bithuman_server import SECRET, FakeBithumanService
 
@@ -286,7 +286,7 @@ async def test_model_pulled_by_the_sdk_is_used(clean_env, bithuman_api):
 
 
 async def test_disk_full_is_reported_and_leaves_nothing(bithuman_api, clean_env, monkeypatch):
-    from livekit_plugins_avatarhub import download
+    from livekit_plugins_avatarhub.hub import download
 
     bithuman_api.add_agent(CODE)
 
@@ -310,7 +310,7 @@ async def test_unwritable_cache_names_the_variable(bithuman_api, tmp_path, monke
 
 
 async def test_lru_eviction_keeps_the_new_and_the_held(bithuman_api, clean_env, monkeypatch):
-    from livekit_plugins_avatarhub.cache import hold
+    from livekit_plugins_avatarhub.hub.cache import hold
 
     codes = ["A000000001", "A000000002", "A000000003"]
     for code in codes:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from livekit_plugins_avatarhub import CachedModelResolver, create_runtime
-from livekit_plugins_avatarhub.cache import ModelCache
-from livekit_plugins_avatarhub.demo import DemoRuntime
 from livekit_plugins_avatarhub.exceptions import ConfigurationError, ModelFileError
-from livekit_plugins_avatarhub.loader import open_avatar, split_source
+from livekit_plugins_avatarhub.hub.cache import ModelCache
+from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
+from livekit_plugins_avatarhub.rendering.loader import open_avatar, split_source
 
 from bithuman_server import SECRET
 from fakes import FakeRoom, write_fake_model

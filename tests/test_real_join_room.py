@@ -15,7 +15,7 @@ import time
 import pytest
 
 from livekit import rtc
-from livekit_plugins_avatarhub.render import SAMPLE_AUDIO
+from livekit_plugins_avatarhub.rendering.mp4 import SAMPLE_AUDIO
 
 from livekit_real import Subscriber, clean_env, find_tool, until
 from real_processes import avatar_service, join_room

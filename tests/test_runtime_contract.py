@@ -9,7 +9,7 @@ import bithuman
 import numpy as np
 import pytest
 
-from livekit_plugins_avatarhub.demo import DemoRuntime
+from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
 
 from fakes import LEGACY_BITHUMAN, FakeBithuman, write_fake_model
 

@@ -19,13 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config import DEMO_AVATAR_ID, is_agent_code, is_cloud_only, is_demo, model_family
 from ..exceptions import CLOUD_PLUGIN_HINT, AvatarHubError
 from ..log import logger
-from ..settings import DEMO_AVATAR_ID, is_agent_code, is_cloud_only, is_demo, model_family
+from ..remote.participant import DEFAULT_IDLE_TIMEOUT
 from .manager import AvatarManager, CapacityError, WorkerInfo, WorkerManager
 from .metrics import ServiceMetrics
 from .tokens import token_identity, token_room
-from .worker import DEFAULT_IDLE_TIMEOUT
 
 MANAGER: web.AppKey[AvatarManager] = web.AppKey("manager")
 METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics", ServiceMetrics)
@@ -368,8 +368,8 @@ def default_manager(
 ) -> WorkerManager:
     """Workers that load avatars like ``AvatarSession`` does (``loader.open_avatar``: the hub,
     the cloud-only fallback, the cache lease) and connect real LiveKit rooms."""
-    from ..loader import OpenedAvatar, open_avatar
-    from .worker import AvatarWorker
+    from ..remote.participant import AvatarWorker
+    from ..rendering.loader import OpenedAvatar, open_avatar
 
     async def opener(agent_id: str, model: str | None) -> OpenedAvatar:
         return await open_avatar(agent_id, model=model, api_secret=api_secret)
@@ -399,8 +399,8 @@ async def serve(
 
     manager: AvatarManager
     if dispatch:
-        from ..avatar_jobs import DEFAULT_AGENT_NAME
-        from ..dispatch import AvatarDispatcher
+        from ..remote.dispatcher import AvatarDispatcher
+        from ..remote.jobs import DEFAULT_AGENT_NAME
         from .dispatched import DispatchManager
 
         manager = DispatchManager(AvatarDispatcher(agent_name=agent_name or DEFAULT_AGENT_NAME))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 
-from ..avatar_jobs import AvatarJob
-from ..dispatch import AvatarDispatcher
+from ..remote.dispatcher import AvatarDispatcher
+from ..remote.jobs import AvatarJob
 from .manager import WorkerInfo
 from .tokens import token_claims
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..log import logger
-from .worker import AvatarWorker
+from ..remote.participant import AvatarWorker
 
 WorkerFactory = Callable[..., AvatarWorker]
 MAX_FAILED = 50

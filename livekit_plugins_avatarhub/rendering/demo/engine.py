@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..log import logger
+from ...log import logger
 
 if TYPE_CHECKING:
     from bithuman import VideoControl, VideoFrame

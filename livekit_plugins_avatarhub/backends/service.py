@@ -17,13 +17,13 @@ import httpx
 
 from livekit import rtc
 
-from . import _compat
-from ._retry import RetryPolicy, with_retries
-from .api import status_error
-from .dynamics_rpc import RPC_TRIGGER_DYNAMICS
-from .exceptions import APIConnectionError, AvatarHubError
-from .log import logger
-from .settings import livekit_credentials, tls_context
+from .. import _compat
+from .._retry import RetryPolicy, with_retries
+from ..api import status_error
+from ..config import livekit_credentials, tls_context
+from ..exceptions import APIConnectionError, AvatarHubError
+from ..log import logger
+from ..remote.protocol import RPC_TRIGGER_DYNAMICS
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -164,8 +164,8 @@ class DispatchedAvatar(ServiceAvatar):
     ) -> None:
         import asyncio
 
-        from .avatar_jobs import AvatarJob
-        from .dispatch import AvatarDispatcher
+        from ..remote.dispatcher import AvatarDispatcher
+        from ..remote.jobs import AvatarJob
 
         self._dispatcher = AvatarDispatcher(
             url=livekit_url,
@@ -216,7 +216,7 @@ def livekit_refusal(err: Exception, url: str | None) -> Exception:
 
     import aiohttp
 
-    from .exceptions import ConfigurationError
+    from ..exceptions import ConfigurationError
 
     status = getattr(err, "status", None)
     if status in (401, 403):

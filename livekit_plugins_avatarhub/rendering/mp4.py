@@ -22,10 +22,10 @@ from livekit.agents.voice.avatar import AudioSegmentEnd
 
 from livekit import rtc
 
-from .exceptions import ConfigurationError, ModelFileError
+from ..config import DEFAULT_RENDER_CRF, DEFAULT_RENDER_PRESET
+from ..exceptions import ConfigurationError, ModelFileError
 from .generator import RuntimeVideoGenerator
 from .runtime import AvatarRuntime
-from .settings import DEFAULT_RENDER_CRF, DEFAULT_RENDER_PRESET
 
 SAMPLE_AUDIO = Path(__file__).with_name("assets") / "hello.wav"
 _PUSH_MS = 20

@@ -17,7 +17,7 @@ from typing import Any
 
 from livekit import rtc
 
-from .log import logger
+from ..log import logger
 
 #: bitHuman's cloud dynamics RPC, answered by the avatar participant
 RPC_TRIGGER_DYNAMICS = "trigger_dynamics"

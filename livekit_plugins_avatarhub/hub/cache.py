@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .exceptions import CacheError
-from .log import logger
-from .settings import cache_root
+from ..config import cache_root
+from ..exceptions import CacheError
+from ..log import logger
 
 MODEL_SUFFIXES = (".imx", ".avatar")
 META_DIR = ".avatarhub"

@@ -43,17 +43,17 @@ import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
-from ._retry import RetryPolicy
-from .cache import INCOMPLETE_SUFFIX, cache_error
-from .exceptions import (
+from .._retry import RetryPolicy
+from ..config import CERTIFICATE_HINT, tls_context, untrusted_certificate
+from ..exceptions import (
     APIConnectionError,
     APIError,
     APIStatusError,
     APITimeoutError,
     IntegrityError,
 )
-from .log import logger
-from .settings import CERTIFICATE_HINT, tls_context, untrusted_certificate
+from ..log import logger
+from .cache import INCOMPLETE_SUFFIX, cache_error
 
 CHUNK_SIZE = 1 << 20
 #: pieces handed to the writing thread and not yet on disk

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .avatar_jobs import DEFAULT_AGENT_NAME, AvatarJob
-from .exceptions import ConfigurationError
-from .log import logger
-from .settings import livekit_credentials
+from ..config import livekit_credentials
+from ..exceptions import ConfigurationError
+from ..log import logger
+from .jobs import DEFAULT_AGENT_NAME, AvatarJob
 
 if TYPE_CHECKING:
     from livekit import api

@@ -17,9 +17,9 @@ from livekit.agents.voice.avatar import AudioSegmentEnd, VideoGenerator
 
 from livekit import rtc
 
-from ._compat import maybe_await
-from .exceptions import RuntimeLoadError
-from .log import logger
+from .._compat import maybe_await
+from ..exceptions import RuntimeLoadError
+from ..log import logger
 from .runtime import AvatarRuntime
 
 # LiveKit's AVSynchronizer queues up to fps * 100 ms frames; one more sits in its capture loop,

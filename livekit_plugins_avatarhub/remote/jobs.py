@@ -28,14 +28,14 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import ConfigurationError
-from .log import logger
-from .settings import env_or, is_agent_code, is_demo, model_family
+from ..config import env_or, is_agent_code, is_demo, model_family
+from ..exceptions import ConfigurationError
+from ..log import logger
 
 if TYPE_CHECKING:
     from livekit.agents import JobContext, JobProcess, JobRequest
 
-    from .loader import OpenedAvatar
+    from ..rendering.loader import OpenedAvatar
 
 DEFAULT_AGENT_NAME = "avatarhub-avatar"  # settings.avatar_agent_name() reads the override
 DEFAULT_IDENTITY = "bithuman-avatar-agent"  # where LiveKit's bithuman plugin sends speech
@@ -91,7 +91,7 @@ class AvatarJob:
                 )
             fields[name] = value
         if fields.get("model"):
-            from .settings import is_cloud_only
+            from ..config import is_cloud_only
 
             if not is_cloud_only(fields["model"]):
                 model_family(fields["model"])  # unknown names are refused here
@@ -162,7 +162,7 @@ async def run_job(ctx: JobContext) -> None:
 
 
 async def _start_worker(ctx: JobContext, job: AvatarJob) -> Any:
-    from .service.worker import AvatarWorker
+    from .participant import AvatarWorker
 
     room = await join_room(ctx)
     worker = AvatarWorker(
@@ -239,8 +239,8 @@ async def _report(worker: Any, agent_id: str, every: float) -> None:
 def _process_opener(userdata: dict[str, Any]) -> Any:
     """Load avatars once per process and reuse them for the next job there (new transaction id
     and token each time, as ``AvatarSession(runtime=...)`` does)."""
-    from .loader import OpenedAvatar, open_avatar
-    from .runtime import renew_for_job
+    from ..rendering.loader import OpenedAvatar, open_avatar
+    from ..rendering.runtime import renew_for_job
 
     cache: dict[tuple[str, str | None], OpenedAvatar] = userdata.setdefault("avatarhub", {})
 
@@ -265,7 +265,7 @@ def prewarm(proc: JobProcess) -> None:
     codes = [c for c in os.environ.get("AVATARHUB_PREFETCH", "").replace(",", " ").split() if c]
     codes = [c for c in codes if not is_demo(c)]
     if codes:
-        from .hub import prefetch
+        from ..hub.resolver import prefetch
 
         proc.userdata["prefetched"] = prefetch(*codes)
 

@@ -25,14 +25,14 @@ from livekit.agents.voice.avatar import AudioReceiver, AvatarRunner
 
 from livekit import rtc
 
-from ..dynamics_rpc import RPC_TRIGGER_DYNAMICS, handle
-from ..generator import FrameStats, RuntimeVideoGenerator
-from ..loader import OpenedAvatar
+from ..config import env_or
 from ..log import logger
-from ..publish import VideoPublishOptions, avatar_runner
-from ..runtime import AvatarRuntime
-from ..settings import env_or
-from .tokens import token_claims, token_room
+from ..rendering.generator import FrameStats, RuntimeVideoGenerator
+from ..rendering.loader import OpenedAvatar
+from ..rendering.publish import VideoPublishOptions, avatar_runner
+from ..rendering.runtime import AvatarRuntime
+from ..service.tokens import token_claims, token_room
+from .protocol import RPC_TRIGGER_DYNAMICS, handle
 
 DEFAULT_IDLE_TIMEOUT = 300.0
 #: what LiveKit's bithuman plugin puts in the avatar token's attributes besides the agent's id

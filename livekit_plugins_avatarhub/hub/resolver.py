@@ -26,8 +26,29 @@ from typing import Protocol, runtime_checkable
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
-from ._retry import RetryPolicy
-from .api import BithumanAPI, ModelDownload
+from .._retry import RetryPolicy
+from ..api import BithumanAPI, ModelDownload
+from ..config import (
+    DOWNLOADABLE_FAMILIES,
+    api_deadline,
+    download_rate_rule,
+    is_cloud_only,
+    max_cache_bytes,
+    model_family,
+    offline_mode,
+    validate_avatar_id,
+)
+from ..config import fresh_for as fresh_for_setting
+from ..exceptions import (
+    CLOUD_PLUGIN_HINT,
+    APIConnectionError,
+    CloudOnlyError,
+    LockTimeoutError,
+    NotCachedError,
+    RateLimitedError,
+    ServiceUnavailableError,
+)
+from ..log import logger
 from .cache import ModelCache, ModelRecord
 from .download import (
     Downloaded,
@@ -39,27 +60,6 @@ from .download import (
     public_location,
     storage_client,
 )
-from .exceptions import (
-    CLOUD_PLUGIN_HINT,
-    APIConnectionError,
-    CloudOnlyError,
-    LockTimeoutError,
-    NotCachedError,
-    RateLimitedError,
-    ServiceUnavailableError,
-)
-from .log import logger
-from .settings import (
-    DOWNLOADABLE_FAMILIES,
-    api_deadline,
-    download_rate_rule,
-    is_cloud_only,
-    max_cache_bytes,
-    model_family,
-    offline_mode,
-    validate_avatar_id,
-)
-from .settings import fresh_for as fresh_for_setting
 
 DEFAULT_LOCK_TIMEOUT = 30 * 60.0
 # when an agent's cloud-only model is asked for, what to render locally instead, best first

@@ -22,18 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _compat
-from .cache import hold
-from .exceptions import (
-    CLOUD_PLUGIN_HINT,
-    ConfigurationError,
-    MissingSecretError,
-    ModelFileError,
-    RuntimeLoadError,
-)
-from .log import logger
-from .runtime import AvatarRuntime
-from .settings import (
+from .. import _compat
+from ..config import (
     bithuman_secret,
     bithuman_token,
     is_agent_code,
@@ -41,10 +31,20 @@ from .settings import (
     runtime_auth_url,
     scrub,
 )
+from ..exceptions import (
+    CLOUD_PLUGIN_HINT,
+    ConfigurationError,
+    MissingSecretError,
+    ModelFileError,
+    RuntimeLoadError,
+)
+from ..hub.cache import hold
+from ..log import logger
+from .runtime import AvatarRuntime
 
 if TYPE_CHECKING:
-    from ._retry import RetryPolicy
-    from .hub import AvatarResolver
+    from .._retry import RetryPolicy
+    from ..hub.resolver import AvatarResolver
 
 
 @dataclass
@@ -97,7 +97,7 @@ async def open_avatar(
     secret = bithuman_secret(api_secret)
     if avatar_id is not None:
         if resolver is None:
-            from .hub import ModelHub
+            from ..hub.resolver import ModelHub
 
             resolver = ModelHub(api_secret=secret, retry=retry, timeout=timeout)
         source = await resolver.resolve(avatar_id, model=model)
