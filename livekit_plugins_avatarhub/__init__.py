@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 from livekit.agents import Plugin
 
 from . import exceptions as _exceptions
+from ._redact import install_log_filter
 from ._retry import RetryPolicy
 from .api import BithumanAPI
 from .avatar import AvatarSession
-from .config import DEMO_AVATAR_ID
 from .exceptions import (
     AgentGenerationFailedError,
     AgentNotReadyError,
@@ -46,6 +46,7 @@ from .exceptions import (
 )
 from .gestures import GestureTrigger
 from .hub.resolver import AvatarResolver, CachedModelResolver, ModelHub, prefetch
+from .ids import DEMO_AVATAR_ID
 from .log import logger
 from .rendering.loader import OpenedAvatar, create_runtime, open_avatar
 from .rendering.publish import VideoPublishOptions
@@ -99,6 +100,9 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+install_log_filter()  # no log line of the HTTP libraries shows a signed URL's query
 
 
 class AvatarHubPlugin(Plugin):

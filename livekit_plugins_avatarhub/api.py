@@ -17,16 +17,14 @@ from typing import Any
 
 import httpx
 
+from ._redact import redact, scrub
 from ._retry import RetryPolicy, parse_retry_after, with_retries
 from .config import (
     CERTIFICATE_HINT,
     api_deadline,
     bithuman_secret,
-    redact,
-    scrub,
     tls_context,
     untrusted_certificate,
-    validate_avatar_id,
 )
 from .config import api_base as resolve_api_base
 from .exceptions import (
@@ -45,6 +43,7 @@ from .exceptions import (
     RateLimitedError,
     ServiceUnavailableError,
 )
+from .ids import validate_avatar_id
 
 _BY_CODE: dict[str, type[APIStatusError]] = {
     "MODEL_ARTIFACT_NOT_READY": ModelNotReadyError,

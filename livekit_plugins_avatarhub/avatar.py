@@ -17,9 +17,10 @@ from livekit.agents.voice.avatar import AvatarRunner
 
 from livekit import rtc
 
-from . import _compat, config
+from . import _compat, config, ids
+from ._redact import redact
 from ._retry import RetryPolicy
-from .config import DEMO_AVATAR_ID, env_or, is_cloud_only, is_demo, model_family, redact
+from .config import env_or
 from .exceptions import (
     CLOUD_PLUGIN_HINT,
     AvatarHubError,
@@ -27,12 +28,13 @@ from .exceptions import (
     ConfigurationError,
     MissingSecretError,
 )
+from .ids import DEMO_AVATAR_ID, is_demo
 from .log import logger
-from .remote.protocol import answer_in_process
+from .remote.protocol import DEFAULT_IDENTITY, agent_name, answer_in_process
 from .rendering.generator import RuntimeVideoGenerator
-from .rendering.loader import OpenedAvatar, check_model_file, check_output_size, open_avatar
+from .rendering.loader import OpenedAvatar, check_model_file, open_avatar
 from .rendering.publish import VideoPublishOptions, avatar_runner
-from .rendering.runtime import AvatarRuntime, renew_for_job
+from .rendering.runtime import AvatarRuntime, check_output_size, renew_for_job
 
 if TYPE_CHECKING:
     from bithuman import VideoControl
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
 
     from .backends.service import ServiceAvatar
     from .hub.resolver import AvatarResolver
-
-_AVATAR_PARTICIPANT = "bithuman-avatar-agent"
 
 
 class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-defined]
@@ -97,11 +97,10 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         self._api_secret = config.bithuman_secret(api_secret)
         self._api_token = config.bithuman_token(api_token)
         self._model = model if utils.is_given(model) and model else None
-        if self._model is not None and not is_cloud_only(self._model):
-            model_family(self._model)  # rejects unknown names now, not at start()
+        ids.check_model(self._model)  # rejects unknown names now, not at start()
         self._conn_options = conn_options
-        self._participant_identity = env_or(avatar_participant_identity) or _AVATAR_PARTICIPANT
-        self._participant_name = env_or(avatar_participant_name) or _AVATAR_PARTICIPANT
+        self._participant_identity = env_or(avatar_participant_identity) or DEFAULT_IDENTITY
+        self._participant_name = env_or(avatar_participant_name) or DEFAULT_IDENTITY
         self._video_options = video_options or VideoPublishOptions()
         self._output_size = check_output_size(output_size) if utils.is_given(output_size) else None
 
@@ -139,7 +138,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
             model=self._model,
             identity=self._participant_identity,
             name=self._participant_name,
-            agent_name=config.avatar_agent_name(),
+            agent_name=agent_name(),
             join_timeout=max(self._conn_options.timeout, 60.0),
         )
 
@@ -200,7 +199,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 "BITHUMAN_MODEL_PATH"
             )
         if arg_id and not is_demo(arg_id):
-            config.validate_avatar_id(arg_id)
+            ids.validate_avatar_id(arg_id)
         if arg_path and Path(arg_path).expanduser().is_file():
             check_model_file(arg_path)  # an empty file is refused now, not blamed on the network
         if arg_path and self._model is not None:

@@ -95,8 +95,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from .config import validate_avatar_id
     from .hub.cache import ModelCache
+    from .ids import validate_avatar_id
 
     cache = ModelCache()
     status = 0
@@ -182,7 +182,7 @@ def _api_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import config
+    from .rendering import mp4
 
     parser = argparse.ArgumentParser(
         prog="python -m livekit_plugins_avatarhub",
@@ -226,14 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT (default: 1280x720)")
     p.add_argument(
         "--preset",
-        default=config.DEFAULT_RENDER_PRESET,
+        default=mp4.DEFAULT_PRESET,
         help="libx264 preset: ultrafast ... veryslow (default: %(default)s); faster presets "
         "encode sooner into larger files",
     )
     p.add_argument(
         "--crf",
         type=_crf,
-        default=config.DEFAULT_RENDER_CRF,
+        default=mp4.DEFAULT_CRF,
         help="libx264 quality, 0-51, lower is better and larger (default: %(default)s)",
     )
     p.add_argument("--model", help="model family when AVATAR is an agent code")
@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--agent-name",
         default=None,
-        help="with --dispatch: the avatar workers' agent name (default avatarhub-avatar)",
+        help="with --dispatch: the avatar workers' agent name (default: AVATARHUB_AGENT_NAME, "
+        "else avatarhub-avatar)",
     )
     p.add_argument("--key", help="the key clients must send (default: AVATARHUB_SERVICE_KEY)")
     p.add_argument(
@@ -338,10 +339,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     from .exceptions import ConfigurationError
     from .rendering.loader import open_avatar, split_source
-    from .rendering.mp4 import SAMPLE_AUDIO, check_encoder, render
+    from .rendering.mp4 import SAMPLE_AUDIO, Encoder, check_preset, render
 
-    try:
-        check_encoder(args.preset, args.crf)
+    try:  # --crf was checked as it was parsed
+        encoder = Encoder(check_preset(args.preset), args.crf)
     except ConfigurationError as err:
         raise SystemExit(f"error: --{err}") from None
     audio = Path(args.audio) if args.audio else SAMPLE_AUDIO
@@ -371,8 +372,7 @@ def cmd_render(args: argparse.Namespace) -> int:
                 opened.runtime,
                 audio,
                 Path(args.output),
-                crf=args.crf,
-                preset=args.preset,
+                encoder=encoder,
                 on_frame=on_frame,
             )
         finally:
@@ -388,13 +388,16 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def _crf(text: str) -> int:
+    from .exceptions import ConfigurationError
+    from .rendering.mp4 import check_crf
+
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= value <= 51:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 51, not {value}")
-    return value
+        return check_crf(int(text))
+    except ValueError as err:  # ConfigurationError is one
+        message = (
+            str(err) if isinstance(err, ConfigurationError) else f"not a whole number: {text!r}"
+        )
+        raise argparse.ArgumentTypeError(message.removeprefix("crf ")) from None
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -402,9 +405,13 @@ def _parse_size(text: str) -> tuple[int, int]:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise SystemExit(f"error: --size must look like 1280x720, not {text!r}") from None
-    if width < 64 or height < 64 or width % 2 or height % 2:
-        raise SystemExit("error: --size needs even numbers of at least 64")
-    return width, height
+    from .exceptions import ConfigurationError
+    from .rendering.runtime import check_output_size
+
+    try:
+        return check_output_size((width, height))
+    except ConfigurationError as err:
+        raise SystemExit(f"error: --size: {err}") from None
 
 
 # -- agents and gestures -----------------------------------------------------------------------
@@ -484,7 +491,7 @@ def cmd_agents_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_gestures(args: argparse.Namespace) -> int:
-    from .config import is_demo
+    from .ids import is_demo
 
     if is_demo(args.agent_id):
         from .rendering.demo import DemoRuntime

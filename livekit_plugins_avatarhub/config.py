@@ -1,44 +1,23 @@
-"""Argument → environment variable → default, and the names bitHuman gives things.
+"""Argument → environment variable → default, and the one TLS context.
 
 Every option that has an environment fallback is resolved here, so the precedence
-(explicit argument always wins) is written once.
+(explicit argument always wins) is written once. bitHuman's names live in ``ids``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 import ssl
 from pathlib import Path
 from typing import Any
 
-from .exceptions import CLOUD_PLUGIN_HINT, CloudOnlyError, ConfigurationError, InvalidAvatarIdError
+from .exceptions import ConfigurationError
 from .log import logger
 
 DEFAULT_API_BASE = "https://api.bithuman.ai"
-DEMO_AVATAR_ID = "demo"
 DEFAULT_FRESH_FOR = 24 * 3600.0
 DEFAULT_CACHE_GB = 10.0
-# libx264 for `render`: superfast at CRF 26 encodes faster than veryfast at 23 with higher PSNR
-# and SSIM and its deblocking filter kept, into a larger file (bench/bench_render.py)
-DEFAULT_RENDER_PRESET = "superfast"
-DEFAULT_RENDER_CRF = 26
-
-# match with fullmatch(): "$" would also accept a trailing newline
-AVATAR_ID_PATTERN = re.compile(r"[A-Z][A-Z0-9]{9}")
-
-# bitHuman's spelling → the family the download API expects. None: cloud-only.
-_MODEL_FAMILIES: dict[str, str | None] = {
-    "essence": "essence-1",
-    "essence-1": "essence-1",
-    "essence-2": "essence-2",
-    "expression-2": "expression-2",
-    "expression": None,
-    "expression-1": None,
-    "essence-2-max": None,
-}
-DOWNLOADABLE_FAMILIES = ("essence-1", "essence-2", "expression-2")
 
 
 @functools.cache
@@ -129,11 +108,6 @@ def avatar_from_env() -> tuple[str | None, str | None]:
 
 
 # -- the avatar service and LiveKit --------------------------------------------------------------
-
-
-def avatar_agent_name(value: Any = None) -> str:
-    """The avatar workers' LiveKit agent name (``AVATARHUB_AGENT_NAME``, avatarhub-avatar)."""
-    return env_or(value, "AVATARHUB_AGENT_NAME") or "avatarhub-avatar"
 
 
 def service_url(value: Any = None) -> str | None:
@@ -236,60 +210,3 @@ def cache_root(value: str | os.PathLike[str] | None = None) -> Path:
     """Shared with the bithuman SDK: ``${BITHUMAN_CACHE_DIR:-~/.cache/bithuman}``."""
     raw = os.fspath(value) if value else os.environ.get("BITHUMAN_CACHE_DIR")
     return Path(raw).expanduser() if raw else Path.home() / ".cache" / "bithuman"
-
-
-def is_demo(source: object) -> bool:
-    """Whether ``source`` names the built-in demo avatar."""
-    return source == DEMO_AVATAR_ID
-
-
-def is_agent_code(value: object) -> bool:
-    return isinstance(value, str) and AVATAR_ID_PATTERN.fullmatch(value) is not None
-
-
-def validate_avatar_id(code: str) -> str:
-    if not is_agent_code(code):
-        raise InvalidAvatarIdError(
-            f"avatar id {code!r} is not a bitHuman agent code (10 characters, an upper-case "
-            f"letter then upper-case letters or digits, e.g. 'A91XMB7113'); "
-            f"use {DEMO_AVATAR_ID!r} for the built-in demo avatar"
-        )
-    return code
-
-
-def model_family(model: str | None) -> str | None:
-    """Map a model name to its downloadable family; None means "the agent's own model".
-
-    Raises CloudOnlyError for names that only bitHuman's cloud renders; callers that can fall
-    back to another family check :func:`is_cloud_only` first.
-    """
-    if model is None or model == "":
-        return None
-    key = model.strip().lower()
-    if key not in _MODEL_FAMILIES:
-        raise ConfigurationError(
-            f"unknown model {model!r}; expected one of {', '.join(sorted(_MODEL_FAMILIES))}"
-        )
-    family = _MODEL_FAMILIES[key]
-    if family is None:
-        raise CloudOnlyError(
-            f"model {model!r} renders only in bitHuman's cloud; {CLOUD_PLUGIN_HINT}"
-        )
-    return family
-
-
-def is_cloud_only(model: str | None) -> bool:
-    return model is not None and _MODEL_FAMILIES.get(model.strip().lower(), "") is None
-
-
-def redact(secret: str | None) -> str:
-    """What a secret looks like in a repr: whether it is set, never any of its characters."""
-    return "<set>" if secret else "<unset>"
-
-
-def scrub(text: str, *secrets: str | None) -> str:
-    """``text`` with every given secret replaced, for messages built from other libraries."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text

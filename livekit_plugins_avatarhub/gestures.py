@@ -114,7 +114,7 @@ class GestureTrigger:
 
         ``agent_id="demo"`` uses the demo avatar's gestures, with no request.
         """
-        from .config import is_demo
+        from .ids import is_demo
 
         if is_demo(agent_id):
             from .rendering.demo import DemoRuntime

@@ -84,21 +84,20 @@ async def speaking_agent(
 async def avatar_worker(
     server: LiveKitServer, tmp_path: Path, agent_name: str, *args: str, **env: str
 ) -> AsyncIterator[Process]:
-    """``python -m livekit_plugins_avatarhub worker --agent-name NAME start``, registered."""
+    """``python -m livekit_plugins_avatarhub worker start``, registered under ``agent_name``:
+    named the way a fleet names it on every machine, with ``AVATARHUB_AGENT_NAME``."""
     worker = await spawn(
         f"worker-{agent_name}",
         tmp_path,
         "-m",
         "livekit_plugins_avatarhub",
         "worker",
-        "--agent-name",
-        agent_name,
         "--http-port",
         "0",
         *args,
         "start",
         **server.env(),
-        **env,
+        **{"AVATARHUB_AGENT_NAME": agent_name, **env},
     )
     async with registered(worker):
         yield worker

@@ -17,11 +17,11 @@ from aiohttp import web
 
 from livekit import api as lkapi
 from livekit_plugins_avatarhub.exceptions import AvatarNotFoundError
+from livekit_plugins_avatarhub.remote.participant import AvatarWorker
 from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
 from livekit_plugins_avatarhub.rendering.loader import OpenedAvatar
-from livekit_plugins_avatarhub.remote.participant import AvatarWorker
-from livekit_plugins_avatarhub.service.manager import WorkerManager
 from livekit_plugins_avatarhub.service.app import create_app
+from livekit_plugins_avatarhub.service.manager import WorkerManager
 
 from fakes import FakeRoom, FakeSFU
 

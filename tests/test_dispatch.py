@@ -22,7 +22,8 @@ from livekit_plugins_avatarhub._compat import agent_worker
 from livekit_plugins_avatarhub.exceptions import ConfigurationError
 from livekit_plugins_avatarhub.remote import jobs as avatar_jobs
 from livekit_plugins_avatarhub.remote.dispatcher import AvatarDispatcher
-from livekit_plugins_avatarhub.remote.jobs import AvatarJob, worker_options
+from livekit_plugins_avatarhub.remote.jobs import worker_options
+from livekit_plugins_avatarhub.remote.protocol import AvatarJob
 
 from fakes import FakeRoom
 from livekit_real import until
@@ -157,6 +158,24 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
         await dispatcher.aclose()
         await worker.aclose()
         await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 20)
+
+
+def test_one_agent_name_variable_names_the_workers_on_every_side(monkeypatch):
+    """AVATARHUB_AGENT_NAME set on every machine: the worker registers under it, and both the
+    agent's mode="dispatch" and `serve --dispatch` dispatch to it (the real-room tests run
+    the same with processes)."""
+    from livekit_plugins_avatarhub import AvatarSession
+    from livekit_plugins_avatarhub.remote.dispatcher import AvatarDispatcher
+
+    monkeypatch.setenv("AVATARHUB_AGENT_NAME", "fleet-a")
+    keys = {"url": "ws://127.0.0.1:1", "api_key": "k", "api_secret": "s" * 32}
+    assert worker_options().agent_name == "fleet-a"  # `worker start`
+    assert AvatarDispatcher(**keys).agent_name == "fleet-a"  # `serve --dispatch`
+    session = AvatarSession(avatar_id="demo", mode="dispatch")
+    assert session._service.agent_name == "fleet-a"  # the agent
+    # an explicit name still wins, on each side
+    assert worker_options(agent_name="other").agent_name == "other"
+    assert AvatarDispatcher(**keys, agent_name="other").agent_name == "other"
 
 
 def test_worker_command_checks_its_own_options():

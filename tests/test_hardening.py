@@ -38,16 +38,17 @@ from livekit_plugins_avatarhub import (
     RateLimitedError,
     RetryPolicy,
 )
-from livekit_plugins_avatarhub.config import tls_context, validate_avatar_id
+from livekit_plugins_avatarhub.config import tls_context
 from livekit_plugins_avatarhub.exceptions import (
     APIConnectionError,
     APIError,
     APIStatusError,
     InvalidAvatarIdError,
 )
-from livekit_plugins_avatarhub.hub.resolver import safe_filename
 from livekit_plugins_avatarhub.hub.cache import ModelCache
 from livekit_plugins_avatarhub.hub.download import RateRule
+from livekit_plugins_avatarhub.hub.resolver import safe_filename
+from livekit_plugins_avatarhub.ids import validate_avatar_id
 
 from bithuman_server import SECRET, FakeBithumanService
 

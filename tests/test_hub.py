@@ -27,9 +27,9 @@ from livekit_plugins_avatarhub import (
     ServiceUnavailableError,
 )
 from livekit_plugins_avatarhub.exceptions import APIError, InvalidAvatarIdError
-from livekit_plugins_avatarhub.hub.resolver import ModelHub, prefetch, safe_filename
 from livekit_plugins_avatarhub.hub.cache import ModelCache
 from livekit_plugins_avatarhub.hub.download import check_download_url
+from livekit_plugins_avatarhub.hub.resolver import ModelHub, prefetch, safe_filename
 
 from bithuman_server import SECRET, FakeBithumanService
 

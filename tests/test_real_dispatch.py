@@ -15,7 +15,7 @@ from livekit.agents import AgentSession, APIConnectOptions
 from livekit import api, rtc
 from livekit_plugins_avatarhub import AvatarHubError, AvatarSession
 from livekit_plugins_avatarhub.remote.dispatcher import AvatarDispatcher
-from livekit_plugins_avatarhub.remote.jobs import AvatarJob
+from livekit_plugins_avatarhub.remote.protocol import AvatarJob
 from livekit_plugins_avatarhub.service.dispatched import DispatchManager
 
 from livekit_real import until

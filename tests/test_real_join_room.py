@@ -117,16 +117,18 @@ async def test_an_app_joins_the_avatar_to_its_room_and_it_lip_syncs_the_micropho
 async def test_serve_dispatch_sends_a_worker_that_joins_speaks_and_leaves_when_withdrawn(
     real_livekit, tmp_path, speech_ogg
 ):
-    """``serve --dispatch`` in front of a ``worker start`` process, on LiveKit's own dispatch."""
+    """``serve --dispatch`` in front of a ``worker start`` process, on LiveKit's own dispatch.
+
+    Both are named only by ``AVATARHUB_AGENT_NAME``, as a fleet sets it on every machine (the
+    dispatch mode test sets it for the agent, the third side)."""
     from real_processes import avatar_worker
 
     room, name = "dispatched-room", "BitHuman Agent"
     async with (
         avatar_worker(real_livekit, tmp_path, "avatars-serve"),
-        avatar_service(real_livekit, tmp_path, "--dispatch", "--agent-name", "avatars-serve") as (
-            _,
-            client,
-        ),
+        avatar_service(
+            real_livekit, tmp_path, "--dispatch", AVATARHUB_AGENT_NAME="avatars-serve"
+        ) as (_, client),
         Subscriber(real_livekit, room, identity="app-viewer") as sub,
     ):
         answer = await join_room(client, real_livekit, room, "avatar-dispatched")

@@ -272,7 +272,7 @@ async def test_participant_mode_runs_the_avatar_in_the_service(avatar_service, l
     from livekit.agents import AgentSession
 
     from livekit_plugins_avatarhub import AvatarSession
-    from livekit_plugins_avatarhub.service.tokens import token_claims
+    from livekit_plugins_avatarhub.remote.tokens import token_claims
 
     client, harness, manager = avatar_service
     avatar = AvatarSession(

@@ -23,7 +23,7 @@ from ..api import status_error
 from ..config import livekit_credentials, tls_context
 from ..exceptions import APIConnectionError, AvatarHubError
 from ..log import logger
-from ..remote.protocol import RPC_TRIGGER_DYNAMICS
+from ..remote.protocol import RPC_TRIGGER_DYNAMICS, read_answer
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -105,11 +105,8 @@ class ServiceAvatar:
             raise AvatarHubError(
                 f"the avatar {self.identity} did not take the gesture {action!r}: {err.message}"
             ) from None
-        try:
-            answer = json.loads(raw) if raw else {}
-        except ValueError:
-            answer = {}
-        if isinstance(answer, dict) and answer.get("status") == "error":
+        answer = read_answer(raw)
+        if answer.get("status") == "error":
             raise AvatarHubError(
                 f"the avatar refused the gesture {action!r}: {answer.get('message') or answer}"
             )
@@ -165,7 +162,7 @@ class DispatchedAvatar(ServiceAvatar):
         import asyncio
 
         from ..remote.dispatcher import AvatarDispatcher
-        from ..remote.jobs import AvatarJob
+        from ..remote.protocol import AvatarJob
 
         self._dispatcher = AvatarDispatcher(
             url=livekit_url,

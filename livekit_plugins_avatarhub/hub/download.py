@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
-import logging
 import os
 import re
 import secrets
@@ -43,6 +42,7 @@ import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
+from .._redact import described
 from .._retry import RetryPolicy
 from ..config import CERTIFICATE_HINT, tls_context, untrusted_certificate
 from ..exceptions import (
@@ -63,7 +63,6 @@ LET_GO_SECONDS = 0.5
 MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_QUERY = re.compile(r"\?[^\s'\"<>]*")
 
 Progress = Callable[[int, int | None], None]
 #: a fresh download URL from the API, when the one in use has expired
@@ -172,28 +171,6 @@ class RemoteFile:
     etag: str | None
 
 
-class _NoSignedQueries(logging.Filter):
-    """httpx logs every request's URL at INFO, urllib3 at DEBUG; a pre-signed storage URL's
-    query is a credential, so no URL in their log lines keeps its query string."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(_redacted(arg) for arg in record.args)
-        return True
-
-
-def _redacted(arg: object) -> object:
-    if isinstance(arg, httpx.URL) and arg.query:
-        return arg.copy_with(query=b"redacted")
-    if isinstance(arg, str) and "?" in arg:
-        return _QUERY.sub("?redacted", arg)
-    return arg
-
-
-logging.getLogger("httpx").addFilter(_NoSignedQueries())
-logging.getLogger("urllib3.connectionpool").addFilter(_NoSignedQueries())
-
-
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -243,9 +220,6 @@ def _http_error(status: int) -> APIStatusError:
     )
 
 
-def _described(err: BaseException) -> str:
-    """An error's type and words, with any URL query (a storage signature) taken out."""
-    return f"{type(err).__name__}: {_QUERY.sub('?redacted', str(err))}"
 
 
 def _raise_if_untrusted(err: BaseException) -> None:
@@ -363,7 +337,7 @@ async def _fetch(
             failures += 1
             if failures >= retry.attempts:
                 raise APIConnectionError(
-                    f"model download failed after {failures} attempts: {_described(err)}"
+                    f"model download failed after {failures} attempts: {described(err)}"
                 ) from None
             delay = retry.delay(failures - 1)
             logger.info(

@@ -28,16 +28,7 @@ from filelock import Timeout as FileLockTimeout
 
 from .._retry import RetryPolicy
 from ..api import BithumanAPI, ModelDownload
-from ..config import (
-    DOWNLOADABLE_FAMILIES,
-    api_deadline,
-    download_rate_rule,
-    is_cloud_only,
-    max_cache_bytes,
-    model_family,
-    offline_mode,
-    validate_avatar_id,
-)
+from ..config import api_deadline, download_rate_rule, max_cache_bytes, offline_mode
 from ..config import fresh_for as fresh_for_setting
 from ..exceptions import (
     CLOUD_PLUGIN_HINT,
@@ -48,6 +39,7 @@ from ..exceptions import (
     RateLimitedError,
     ServiceUnavailableError,
 )
+from ..ids import DOWNLOADABLE_FAMILIES, is_cloud_only, model_family, validate_avatar_id
 from ..log import logger
 from .cache import ModelCache, ModelRecord
 from .download import (

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from ..config import livekit_credentials
 from ..exceptions import ConfigurationError
 from ..log import logger
-from .jobs import DEFAULT_AGENT_NAME, AvatarJob
+from .protocol import AvatarJob
+from .protocol import agent_name as default_agent_name
 
 if TYPE_CHECKING:
     from livekit import api
@@ -28,12 +29,12 @@ class AvatarDispatcher:
         url: str | None = None,
         api_key: str | None = None,
         api_secret: str | None = None,
-        agent_name: str = DEFAULT_AGENT_NAME,
+        agent_name: str | None = None,
     ) -> None:
         self.url, self._key, self._secret = livekit_credentials(
             url, api_key, api_secret, needed_for="dispatching avatar workers"
         )
-        self.agent_name = agent_name
+        self.agent_name = default_agent_name(agent_name)
         self._api: api.LiveKitAPI | None = None
 
     def __repr__(self) -> str:

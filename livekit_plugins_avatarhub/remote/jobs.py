@@ -1,17 +1,12 @@
 """Avatars as LiveKit agent jobs: LiveKit's own dispatch places them on machines with room.
 
 ``python -m livekit_plugins_avatarhub worker start|dev`` registers an agent worker with the
-LiveKit server under an agent name (default ``avatarhub-avatar``), for explicit dispatch only
-(``AgentDispatchService.CreateDispatch``). The worker reports its load as active avatars over
-capacity, so LiveKit sends no job to a full machine; SIGTERM drains it (LiveKit's drain).
+LiveKit server under an agent name (``--agent-name``, else ``AVATARHUB_AGENT_NAME``, else
+``avatarhub-avatar``), for explicit dispatch only (``AgentDispatchService.CreateDispatch``).
+The worker reports its load as active avatars over capacity, so LiveKit sends no job to a full
+machine; SIGTERM drains it (LiveKit's drain).
 
-A job's metadata, JSON, says what to render (:class:`AvatarJob`)::
-
-    {"agent_id": "A91XMB7113" | "demo", "model": "expression-2",
-     "participant_identity": "bithuman-avatar-agent", "participant_name": "BitHuman Agent",
-     "publish_on_behalf": "<the agent it renders for>",   # its speech comes as DataStream audio
-     "listen_to": "<a participant>"}                      # or: follow that microphone
-
+A job's metadata says what to render (``protocol.AvatarJob``).
 The job joins with LiveKit's own token (identity, name and ``lk.publish_on_behalf`` set when the
 job is accepted), answers ``trigger_dynamics``, and leaves when the room empties or is left.
 Malformed metadata or an unknown avatar fails that job, never the worker.
@@ -20,97 +15,27 @@ Malformed metadata or an unknown avatar fails that job, never the worker.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config import env_or, is_agent_code, is_demo, model_family
+from ..config import env_or
 from ..exceptions import ConfigurationError
+from ..ids import is_demo
 from ..log import logger
+from . import protocol
+from .protocol import AvatarJob
 
 if TYPE_CHECKING:
     from livekit.agents import JobContext, JobProcess, JobRequest
 
     from ..rendering.loader import OpenedAvatar
 
-DEFAULT_AGENT_NAME = "avatarhub-avatar"  # settings.avatar_agent_name() reads the override
-DEFAULT_IDENTITY = "bithuman-avatar-agent"  # where LiveKit's bithuman plugin sends speech
-_TEXT_LIMIT = 256
 _BYTES_PER_AVATAR = 4 << 30  # a bitHuman avatar takes 4-8 GB of memory
 _REPORT_EVERY = 60.0
 _METRICS_EVERY = 2.0
-
-
-@dataclass(frozen=True)
-class AvatarJob:
-    """What one dispatched avatar renders, for whom, and as whom."""
-
-    agent_id: str
-    model: str | None = None
-    participant_identity: str = DEFAULT_IDENTITY
-    participant_name: str | None = None
-    publish_on_behalf: str | None = None
-    listen_to: str | None = None
-
-    @classmethod
-    def parse(cls, metadata: str | None) -> AvatarJob:
-        """The job's metadata, checked; every problem is one ConfigurationError naming it."""
-        try:
-            raw = json.loads(metadata or "")
-        except (ValueError, RecursionError):
-            raise ConfigurationError(
-                "the avatar job's metadata is not JSON; dispatch it with "
-                '{"agent_id": "<agent code or demo>", ...}'
-            ) from None
-        if not isinstance(raw, dict):
-            raise ConfigurationError("the avatar job's metadata must be a JSON object")
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigurationError(
-                f"unknown fields in the avatar job: {', '.join(sorted(unknown))}"
-            )
-        agent_id = raw.get("agent_id")
-        if not (is_demo(agent_id) or is_agent_code(agent_id)):
-            raise ConfigurationError(
-                f"agent_id {agent_id!r} in the avatar job is not a bitHuman agent code "
-                "(e.g. A91XMB7113) or 'demo'"
-            )
-        fields: dict[str, Any] = {"agent_id": agent_id}
-        for name in cls.__dataclass_fields__:
-            if name == "agent_id" or raw.get(name) is None:
-                continue
-            value = raw[name]
-            if not isinstance(value, str) or not value.strip() or len(value) > _TEXT_LIMIT:
-                raise ConfigurationError(
-                    f"{name} in the avatar job must be a non-empty string of at most "
-                    f"{_TEXT_LIMIT} characters"
-                )
-            fields[name] = value
-        if fields.get("model"):
-            from ..config import is_cloud_only
-
-            if not is_cloud_only(fields["model"]):
-                model_family(fields["model"])  # unknown names are refused here
-        if fields.get("publish_on_behalf") and fields.get("listen_to"):
-            raise ConfigurationError(
-                "an avatar job takes its audio from one place: publish_on_behalf (an agent's "
-                "speech) or listen_to (a microphone), not both"
-            )
-        return cls(**fields)
-
-    def to_metadata(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
-
-    def participant_attributes(self) -> dict[str, str]:
-        if not self.publish_on_behalf:
-            return {}
-        from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
-
-        return {ATTRIBUTE_PUBLISH_ON_BEHALF: self.publish_on_behalf}
 
 
 # -- the worker's side: accept, load, run ---------------------------------------------------
@@ -283,7 +208,7 @@ def default_capacity() -> int:
 
 
 def worker_options(
-    *, agent_name: str = DEFAULT_AGENT_NAME, max_avatars: int | None = None, **options: Any
+    *, agent_name: str | None = None, max_avatars: int | None = None, **options: Any
 ) -> Any:
     """LiveKit ``WorkerOptions`` for an avatar worker: explicit dispatch under ``agent_name``,
     load = active avatars / ``max_avatars`` (full at capacity)."""
@@ -300,7 +225,7 @@ def worker_options(
         entrypoint_fnc=run_job,
         request_fnc=accept_job,
         prewarm_fnc=prewarm,
-        agent_name=agent_name,
+        agent_name=protocol.agent_name(agent_name),
         load_fnc=load,
         # full with `capacity` jobs, available below (LiveKit wants a threshold under 1)
         load_threshold=(capacity - 0.5) / capacity,
@@ -317,7 +242,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m livekit_plugins_avatarhub worker", add_help=False
     )
-    parser.add_argument("--agent-name", default=DEFAULT_AGENT_NAME)
+    parser.add_argument("--agent-name", default=None)  # protocol.agent_name() decides
     parser.add_argument("--max-avatars", type=int, default=None)
     parser.add_argument("--prometheus-port", type=int, default=None)
     # LiveKit's health-check server (8081 by default): a second worker on one machine needs another

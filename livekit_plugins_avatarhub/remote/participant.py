@@ -31,8 +31,8 @@ from ..rendering.generator import FrameStats, RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar
 from ..rendering.publish import VideoPublishOptions, avatar_runner
 from ..rendering.runtime import AvatarRuntime
-from ..service.tokens import token_claims, token_room
 from .protocol import RPC_TRIGGER_DYNAMICS, handle
+from .tokens import token_claims, token_room
 
 DEFAULT_IDLE_TIMEOUT = 300.0
 #: what LiveKit's bithuman plugin puts in the avatar token's attributes besides the agent's id

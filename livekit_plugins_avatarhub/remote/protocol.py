@@ -1,4 +1,19 @@
-"""bitHuman's ``trigger_dynamics`` RPC: its payload, its answer, and who answers it.
+"""The wire contract between an agent and an avatar that is a participant of its own.
+
+Everything both sides must agree on lives here, so changing the protocol means opening one
+file: the avatar job an agent dispatches (:class:`AvatarJob`, carried as the job's metadata),
+the LiveKit agent name avatar workers register under and the identity the avatar joins as, and
+bitHuman's ``trigger_dynamics`` RPC with its answer (written by :func:`answer`, read by
+:func:`read_answer`).
+
+A job's metadata, JSON::
+
+    {"agent_id": "A91XMB7113" | "demo", "model": "expression-2",
+     "participant_identity": "bithuman-avatar-agent", "participant_name": "BitHuman Agent",
+     "publish_on_behalf": "<the agent it renders for>",   # its speech comes as DataStream audio
+     "listen_to": "<a participant>"}                      # or: follow that microphone
+
+The RPC:
 
 In bitHuman's cloud the avatar is a participant of its own, and agent code plays a gesture with
 ``perform_rpc(destination_identity=avatar.avatar_identity, method="trigger_dynamics",
@@ -13,11 +28,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from livekit import rtc
 
+from ..config import env_or
+from ..exceptions import ConfigurationError
+from ..ids import check_avatar, check_model
 from ..log import logger
+
+#: the LiveKit agent name avatar workers register under, unless AVATARHUB_AGENT_NAME says
+DEFAULT_AGENT_NAME = "avatarhub-avatar"
+#: where LiveKit's bithuman plugin sends speech
+DEFAULT_IDENTITY = "bithuman-avatar-agent"
+_TEXT_LIMIT = 256
 
 #: bitHuman's cloud dynamics RPC, answered by the avatar participant
 RPC_TRIGGER_DYNAMICS = "trigger_dynamics"
@@ -25,6 +50,75 @@ RPC_TRIGGER_DYNAMICS = "trigger_dynamics"
 SERVICE_NAME = "avatarhub"
 
 Push = Callable[[str, bool], Awaitable[None]]
+
+
+def agent_name(value: Any = None) -> str:
+    """The avatar workers' LiveKit agent name: the argument, ``AVATARHUB_AGENT_NAME``, then
+    :data:`DEFAULT_AGENT_NAME`. ``mode="dispatch"``, ``worker`` and ``serve --dispatch`` all
+    ask here, so one variable set on every machine names the same workers on all three sides."""
+    return env_or(value, "AVATARHUB_AGENT_NAME") or DEFAULT_AGENT_NAME
+
+
+@dataclass(frozen=True)
+class AvatarJob:
+    """What one dispatched avatar renders, for whom, and as whom."""
+
+    agent_id: str
+    model: str | None = None
+    participant_identity: str = DEFAULT_IDENTITY
+    participant_name: str | None = None
+    publish_on_behalf: str | None = None
+    listen_to: str | None = None
+
+    @classmethod
+    def parse(cls, metadata: str | None) -> AvatarJob:
+        """The job's metadata, checked; every problem is one ConfigurationError naming it."""
+        try:
+            raw = json.loads(metadata or "")
+        except (ValueError, RecursionError):
+            raise ConfigurationError(
+                "the avatar job's metadata is not JSON; dispatch it with "
+                '{"agent_id": "<agent code or demo>", ...}'
+            ) from None
+        if not isinstance(raw, dict):
+            raise ConfigurationError("the avatar job's metadata must be a JSON object")
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown fields in the avatar job: {', '.join(sorted(unknown))}"
+            )
+        try:
+            agent_id = check_avatar(raw.get("agent_id"))
+        except ValueError as err:
+            raise ConfigurationError(f"the avatar job's agent_id: {err}") from None
+        fields: dict[str, Any] = {"agent_id": agent_id}
+        for name in cls.__dataclass_fields__:
+            if name == "agent_id" or raw.get(name) is None:
+                continue
+            value = raw[name]
+            if not isinstance(value, str) or not value.strip() or len(value) > _TEXT_LIMIT:
+                raise ConfigurationError(
+                    f"{name} in the avatar job must be a non-empty string of at most "
+                    f"{_TEXT_LIMIT} characters"
+                )
+            fields[name] = value
+        check_model(fields.get("model"))  # unknown names are refused here
+        if fields.get("publish_on_behalf") and fields.get("listen_to"):
+            raise ConfigurationError(
+                "an avatar job takes its audio from one place: publish_on_behalf (an agent's "
+                "speech) or listen_to (a microphone), not both"
+            )
+        return cls(**fields)
+
+    def to_metadata(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
+
+    def participant_attributes(self) -> dict[str, str]:
+        if not self.publish_on_behalf:
+            return {}
+        from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+
+        return {ATTRIBUTE_PUBLISH_ON_BEHALF: self.publish_on_behalf}
 
 
 def answer(action: str | None, *, error: str | None = None) -> str:
@@ -38,6 +132,15 @@ def answer(action: str | None, *, error: str | None = None) -> str:
     if error:
         body["message"] = error
     return json.dumps(body)
+
+
+def read_answer(raw: str | None) -> dict[str, Any]:
+    """An answer as a dict (``{}`` when it is not JSON); ``status == "error"`` is a refusal."""
+    try:
+        answer = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 async def handle(payload: str | None, push: Push | None) -> str:

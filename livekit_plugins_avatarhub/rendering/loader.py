@@ -23,14 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import _compat
-from ..config import (
-    bithuman_secret,
-    bithuman_token,
-    is_agent_code,
-    is_demo,
-    runtime_auth_url,
-    scrub,
-)
+from .._redact import scrub
+from ..config import bithuman_secret, bithuman_token, runtime_auth_url
 from ..exceptions import (
     CLOUD_PLUGIN_HINT,
     ConfigurationError,
@@ -39,6 +33,7 @@ from ..exceptions import (
     RuntimeLoadError,
 )
 from ..hub.cache import hold
+from ..ids import is_agent_code, is_demo
 from ..log import logger
 from .runtime import AvatarRuntime
 
@@ -120,20 +115,6 @@ async def open_avatar(
         lease.close()
         raise
     return OpenedAvatar(runtime, path, lease)
-
-
-def check_output_size(size: object) -> tuple[int, int]:
-    """``(width, height)``, both whole numbers from 64 to 4096."""
-    if (
-        not isinstance(size, tuple)
-        or len(size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
-        or not all(64 <= v <= 4096 for v in size)
-    ):
-        raise ConfigurationError(
-            f"output_size must be (width, height) in pixels, each from 64 to 4096; got {size!r}"
-        )
-    return size
 
 
 def split_source(

@@ -22,12 +22,15 @@ from livekit.agents.voice.avatar import AudioSegmentEnd
 
 from livekit import rtc
 
-from ..config import DEFAULT_RENDER_CRF, DEFAULT_RENDER_PRESET
 from ..exceptions import ConfigurationError, ModelFileError
 from .generator import RuntimeVideoGenerator
 from .runtime import AvatarRuntime
 
 SAMPLE_AUDIO = Path(__file__).with_name("assets") / "hello.wav"
+# libx264: superfast at CRF 26 encodes faster than veryfast at 23 with higher PSNR and SSIM and
+# its deblocking filter kept, into a larger file (bench/bench_render.py)
+DEFAULT_PRESET = "superfast"
+DEFAULT_CRF = 26
 _PUSH_MS = 20
 #: encoder calls queued while the next frame is drawn (0: draw and encode take turns)
 PIPELINE_DEPTH = 3
@@ -45,12 +48,28 @@ PRESETS = (
 )
 
 
-def check_encoder(preset: str, crf: int) -> None:
-    """libx264's options, checked before anything is loaded."""
+@dataclass(frozen=True)
+class Encoder:
+    """libx264's options, checked once (:func:`check_encoder`) before anything is loaded."""
+
+    preset: str = DEFAULT_PRESET
+    crf: int = DEFAULT_CRF
+
+
+def check_preset(preset: str) -> str:
     if preset not in PRESETS:
         raise ConfigurationError(f"preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+    return preset
+
+
+def check_crf(crf: int) -> int:
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise ConfigurationError(f"crf must be a whole number from 0 to 51, not {crf!r}")
+    return crf
+
+
+def check_encoder(preset: str = DEFAULT_PRESET, crf: int = DEFAULT_CRF) -> Encoder:
+    return Encoder(check_preset(preset), check_crf(crf))
 
 
 @dataclass(frozen=True)
@@ -89,15 +108,19 @@ async def render(
     audio: Path,
     output: Path,
     *,
-    crf: int = DEFAULT_RENDER_CRF,
-    preset: str = DEFAULT_RENDER_PRESET,
+    crf: int = DEFAULT_CRF,
+    preset: str = DEFAULT_PRESET,
+    encoder: Encoder | None = None,
     on_frame: Callable[[int, int], None] | None = None,
 ) -> RenderResult:
     """Render ``audio`` through ``runtime`` into ``output`` (MP4). ``on_frame(done, total)``.
 
-    ``crf`` (0-51, lower is better and larger) and ``preset`` (:data:`PRESETS`) are libx264's.
+    ``crf`` (0-51, lower is better and larger) and ``preset`` (:data:`PRESETS`) are libx264's;
+    an ``encoder`` from :func:`check_encoder` is taken as already checked.
     """
-    check_encoder(preset, crf)
+    if encoder is None:
+        encoder = check_encoder(preset, crf)
+    crf, preset = encoder.crf, encoder.preset
     generator = await RuntimeVideoGenerator.create(runtime)
     rate = generator.audio_sample_rate
     fps = generator.video_fps
@@ -122,7 +145,7 @@ async def render(
             await generator.push_audio(rtc.AudioFrame(part.tobytes(), rate, 1, part.size))
     await generator.push_audio(AudioSegmentEnd())
 
-    encoder = await asyncio.to_thread(_Mp4Writer, partial, width, height, fps, rate, crf, preset)
+    writer = await asyncio.to_thread(_Mp4Writer, partial, width, height, fps, rate, crf, preset)
     # one thread per stream, each fed in order while the next frame is drawn: drawing, H.264
     # and AAC overlap instead of taking turns; a failure on either stops both
     failed = threading.Event()
@@ -135,20 +158,20 @@ async def render(
                 break
             if isinstance(item, rtc.VideoFrame):
                 # converted here, so the generator's reused buffer is free once this returns
-                await video_line.submit(encoder.video, encoder.to_i420(item.data))
+                await video_line.submit(writer.video, writer.to_i420(item.data))
                 frames += 1
                 if on_frame is not None:
                     on_frame(frames, expected_frames)
             elif isinstance(item, rtc.AudioFrame):
-                await audio_line.submit(encoder.audio, bytes(item.data))
+                await audio_line.submit(writer.audio, bytes(item.data))
         await audio_line.drain()
-        await video_line.submit(encoder.close)
+        await video_line.submit(writer.close)
         await video_line.drain()
         await asyncio.to_thread(os.replace, partial, output)
     finally:
-        # nothing touches the encoder after this
+        # nothing touches the writer after this
         await asyncio.gather(video_line.close(), audio_line.close())
-        encoder.abort()
+        writer.abort()
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
         await generator.stop()

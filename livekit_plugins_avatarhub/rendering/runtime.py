@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ..exceptions import ConfigurationError
+
 if TYPE_CHECKING:
     import numpy as np
     from bithuman import VideoControl, VideoFrame
@@ -43,3 +45,18 @@ async def renew_for_job(runtime: AvatarRuntime) -> None:
     result = runtime._initialize_token()
     if result is not None:
         await result
+
+
+def check_output_size(size: object) -> tuple[int, int]:
+    """``(width, height)``: even whole numbers from 64 to 4096 (H.264 and I420 halve both)."""
+    if (
+        not isinstance(size, tuple)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+        or not all(64 <= v <= 4096 and v % 2 == 0 for v in size)
+    ):
+        raise ConfigurationError(
+            "output_size must be (width, height) in pixels, even numbers from 64 to 4096; "
+            f"got {size!r}"
+        )
+    return size

@@ -19,13 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ..config import DEMO_AVATAR_ID, is_agent_code, is_cloud_only, is_demo, model_family
 from ..exceptions import CLOUD_PLUGIN_HINT, AvatarHubError
+from ..ids import check_avatar, check_model
 from ..log import logger
 from ..remote.participant import DEFAULT_IDLE_TIMEOUT
+from ..remote.tokens import token_identity, token_room
 from .manager import AvatarManager, CapacityError, WorkerInfo, WorkerManager
 from .metrics import ServiceMetrics
-from .tokens import token_identity, token_room
 
 MANAGER: web.AppKey[AvatarManager] = web.AppKey("manager")
 METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics", ServiceMetrics)
@@ -173,11 +173,10 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _agent(value: Any) -> str:
-    if not (is_demo(value) or is_agent_code(value)):
-        raise _Invalid(
-            f"agent_id must be a bitHuman agent code (e.g. A91XMB7113) or {DEMO_AVATAR_ID!r}"
-        )
-    return str(value)
+    try:
+        return check_avatar(value)
+    except ValueError as err:
+        raise _Invalid(f"agent_id: {err}") from None
 
 
 def _text(
@@ -206,12 +205,10 @@ def _model(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise _Invalid("model must be a string")
-    if not is_cloud_only(value):
-        try:
-            model_family(value)
-        except ValueError as err:
-            raise _Invalid(str(err)) from None
-    return value
+    try:
+        return check_model(value)
+    except ValueError as err:
+        raise _Invalid(str(err)) from None
 
 
 async def join_room(request: web.Request) -> web.Response:
@@ -400,10 +397,9 @@ async def serve(
     manager: AvatarManager
     if dispatch:
         from ..remote.dispatcher import AvatarDispatcher
-        from ..remote.jobs import DEFAULT_AGENT_NAME
         from .dispatched import DispatchManager
 
-        manager = DispatchManager(AvatarDispatcher(agent_name=agent_name or DEFAULT_AGENT_NAME))
+        manager = DispatchManager(AvatarDispatcher(agent_name=agent_name))
         what = f"dispatching to LiveKit agent {manager.dispatcher.agent_name!r}"
     else:
         manager = default_manager(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 
 from ..remote.dispatcher import AvatarDispatcher
-from ..remote.jobs import AvatarJob
+from ..remote.protocol import AvatarJob
+from ..remote.tokens import token_claims
 from .manager import WorkerInfo
-from .tokens import token_claims
 
 
 class DispatchManager:

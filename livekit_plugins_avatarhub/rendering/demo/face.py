@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime import check_output_size
 from .engine import FrameState, PacedRuntime
 
 #: the demo's size when none is asked for (bitHuman's runtime default, 720p landscape)
@@ -33,9 +34,7 @@ class DemoRuntime(PacedRuntime):
         self._cv2: Any = None
         self._base: np.ndarray | None = None
         self._canvas: np.ndarray | None = None
-        w, h = self.output_size
-        if w < 64 or h < 64:
-            raise ValueError(f"output_size {self.output_size} is too small; use at least 64x64")
+        w, h = check_output_size(tuple(self.output_size))
         u = h / 720.0  # every length is in units of a 720-pixel-high frame
         self._u = u
         self._center = (w // 2, int(h * 0.52))
