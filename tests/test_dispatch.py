@@ -172,7 +172,7 @@ def test_one_agent_name_variable_names_the_workers_on_every_side(monkeypatch):
     assert worker_options().agent_name == "fleet-a"  # `worker start`
     assert AvatarDispatcher(**keys).agent_name == "fleet-a"  # `serve --dispatch`
     session = AvatarSession(avatar_id="demo", mode="dispatch")
-    assert session._service.agent_name == "fleet-a"  # the agent
+    assert session._backend.agent_name == "fleet-a"  # the agent
     # an explicit name still wins, on each side
     assert worker_options(agent_name="other").agent_name == "other"
     assert AvatarDispatcher(**keys, agent_name="other").agent_name == "other"

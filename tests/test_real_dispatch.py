@@ -188,7 +188,7 @@ async def test_dispatch_mode_says_when_no_worker_takes_the_avatar(livekit_env, a
     """Nobody registered under the agent name: LiveKit drops the dispatch without a word, so
     the session waits its join timeout, withdraws the dispatch and says what to run."""
     avatar = AvatarSession(avatar_id="demo", mode="dispatch", conn_options=APIConnectOptions())
-    avatar._service.join_timeout = 0.5  # type: ignore[union-attr]
+    avatar._backend.join_timeout = 0.5  # type: ignore[attr-defined]
     with pytest.raises(AvatarHubError, match="worker start"):
         await avatar.start(AgentSession(), room=agent_room)
     assert await dispatches(livekit_env, agent_room.name) == [], "withdrawn"

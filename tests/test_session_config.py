@@ -126,17 +126,17 @@ def test_environment_fills_in_and_arguments_win(monkeypatch, tmp_path, model_fil
     env_model = write_fake_model(tmp_path / "env.imx", seed=b"env")
     monkeypatch.setenv("BITHUMAN_API_SECRET", "env-secret-value")
     monkeypatch.setenv("BITHUMAN_MODEL_PATH", env_model)
-    assert AvatarSession()._model_path == env_model
-    assert AvatarSession(model_path=model_file)._model_path == model_file
-    assert AvatarSession(api_secret=SECRET)._api_secret == SECRET
+    assert str(AvatarSession()._source.model_path) == env_model
+    assert str(AvatarSession(model_path=model_file)._source.model_path) == model_file
+    assert AvatarSession(api_secret=SECRET)._source.api_secret == SECRET
     # an explicit avatar_id wins over BITHUMAN_MODEL_PATH instead of clashing with it
-    session = AvatarSession(avatar_id="A91XMB7113")
-    assert session._avatar_id == "A91XMB7113" and session._model_path is None
+    source = AvatarSession(avatar_id="A91XMB7113")._source
+    assert source.avatar_id == "A91XMB7113" and source.model_path is None
     monkeypatch.setenv("BITHUMAN_AVATAR_ID", "B12345678Z")
     with pytest.raises(ConfigurationError, match="both BITHUMAN_AVATAR_ID and BITHUMAN_MODEL_PATH"):
         AvatarSession()
     monkeypatch.delenv("BITHUMAN_MODEL_PATH")
-    assert AvatarSession()._avatar_id == "B12345678Z"
+    assert AvatarSession()._source.avatar_id == "B12345678Z"
 
 
 def test_secret_never_in_repr(model_file):

@@ -251,7 +251,7 @@ async def test_closing_mid_reply_never_hangs(first, model_file, fake_bithuman):
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.3)
     finished = []
-    avatar._audio_sink.on("playback_finished", finished.append)  # what the AgentSession hears
+    avatar._backend._audio_sink.on("playback_finished", finished.append)  # what the AgentSession hears
     closes = (
         (avatar.aclose, session.aclose) if first == "avatar" else (session.aclose, avatar.aclose)
     )
@@ -286,7 +286,7 @@ async def test_a_stalled_event_loop_leaves_no_lasting_audio_delay(
 
     monkeypatch.setattr(rtc.AudioSource, "capture_frame", capture)
     async with running(avatar) as (session, room, capture_):
-        sink = avatar._audio_sink
+        sink = avatar._backend._audio_sink
         into_sink = sink.capture_frame
 
         async def entering(frame: rtc.AudioFrame) -> None:

@@ -220,8 +220,6 @@ def _http_error(status: int) -> APIStatusError:
     )
 
 
-
-
 def _raise_if_untrusted(err: BaseException) -> None:
     """A certificate refused is final: no retry can change it, and the fix is named."""
     refused = untrusted_certificate(err)

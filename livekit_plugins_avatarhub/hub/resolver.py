@@ -128,9 +128,11 @@ class ModelHub:
 
     async def resolve(self, avatar_id: str, *, model: str | None = None) -> Path:
         code = validate_avatar_id(avatar_id)
-        cloud_only = is_cloud_only(model)
-        family = None if cloud_only else model_family(model)
+        return await self.fetch(code, model, None if is_cloud_only(model) else model_family(model))
 
+    async def fetch(self, code: str, model: str | None, family: str | None) -> Path:
+        """:meth:`resolve` for an agent code and model already checked (``AvatarSource``):
+        ``family`` is the model's family, None for the agent's own or a cloud-only ``model``."""
         cached = await asyncio.to_thread(self.cache.find, code, family)
         if self.offline:
             if cached is None:

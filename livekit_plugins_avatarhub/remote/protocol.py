@@ -13,15 +13,11 @@ A job's metadata, JSON::
      "publish_on_behalf": "<the agent it renders for>",   # its speech comes as DataStream audio
      "listen_to": "<a participant>"}                      # or: follow that microphone
 
-The RPC:
-
-In bitHuman's cloud the avatar is a participant of its own, and agent code plays a gesture with
-``perform_rpc(destination_identity=avatar.avatar_identity, method="trigger_dynamics",
-payload=json.dumps({"action": ...}))``. A remote avatar (the service, an avatar worker) answers
-it as that participant. An avatar rendered in the agent's process publishes *as the agent*, and
-LiveKit's server never delivers a participant's RPC to itself (the call would only time out),
-so :func:`answer_in_process` answers it there: for other participants through LiveKit, and for
-the agent's own call to its own identity without leaving the process.
+The RPC: in bitHuman's cloud the avatar is a participant of its own, and agent code plays a
+gesture with ``perform_rpc(destination_identity=avatar.avatar_identity,
+method="trigger_dynamics", payload=json.dumps({"action": ...}))``; a remote avatar (the
+service, an avatar worker) answers it as that participant with :func:`handle`. (An avatar
+rendered in the agent's own process answers it there: ``backends.local``.)
 """
 
 from __future__ import annotations
@@ -31,12 +27,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from livekit import rtc
-
 from ..config import env_or
 from ..exceptions import ConfigurationError
 from ..ids import check_avatar, check_model
-from ..log import logger
 
 #: the LiveKit agent name avatar workers register under, unless AVATARHUB_AGENT_NAME says
 DEFAULT_AGENT_NAME = "avatarhub-avatar"
@@ -156,36 +149,3 @@ async def handle(payload: str | None, push: Push | None) -> str:
         return answer(action, error="the avatar is not running")
     await push(action, bool(request.get("force")))
     return answer(action)
-
-
-def answer_in_process(participant: rtc.LocalParticipant, push: Push) -> Callable[[], None]:
-    """Answer ``trigger_dynamics`` as ``participant``, its own calls included; returns undo."""
-
-    async def on_call(data: rtc.RpcInvocationData) -> str:
-        return await handle(data.payload, push)
-
-    participant.register_rpc_method(RPC_TRIGGER_DYNAMICS, on_call)
-    through_livekit = participant.perform_rpc
-
-    async def perform_rpc(
-        *, destination_identity: str, method: str, payload: str, **kw: Any
-    ) -> str:
-        if destination_identity == participant.identity and method == RPC_TRIGGER_DYNAMICS:
-            # the avatar renders here: LiveKit would not route this call back to its sender
-            logger.debug("trigger_dynamics to the avatar in this process")
-            return await handle(payload, push)
-        return await through_livekit(
-            destination_identity=destination_identity, method=method, payload=payload, **kw
-        )
-
-    participant.perform_rpc = perform_rpc  # type: ignore[method-assign]
-
-    def undo() -> None:
-        if participant.__dict__.get("perform_rpc") is perform_rpc:
-            del participant.perform_rpc
-        try:
-            participant.unregister_rpc_method(RPC_TRIGGER_DYNAMICS)
-        except Exception:  # the room is gone already
-            pass
-
-    return undo

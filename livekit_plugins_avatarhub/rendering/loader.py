@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _compat
 from .._redact import scrub
-from ..config import bithuman_secret, bithuman_token, runtime_auth_url
 from ..exceptions import (
     CLOUD_PLUGIN_HINT,
     ConfigurationError,
@@ -36,6 +35,7 @@ from ..hub.cache import hold
 from ..ids import is_agent_code, is_demo
 from ..log import logger
 from .runtime import AvatarRuntime
+from .source import AvatarSource
 
 if TYPE_CHECKING:
     from .._retry import RetryPolicy
@@ -80,36 +80,56 @@ async def open_avatar(
     secret, a model that cannot be fetched or read, or a runtime that refuses it.
     ``realtime=False`` lets the demo render faster than real time (offline rendering).
     """
-    if (avatar_id is None) == (model_path is None):
-        raise ConfigurationError(
-            "pass avatar_id= ('demo' or an agent code) or model_path=, one of them"
-        )
-    if is_demo(avatar_id):
+    source = AvatarSource.decide(
+        avatar_id,
+        model_path=model_path,
+        model=model,
+        api_secret=api_secret,
+        api_token=api_token,
+        api_url=api_url,
+        output_size=output_size,
+    )
+    return await open_source(
+        source, realtime=realtime, resolver=resolver, retry=retry, timeout=timeout
+    )
+
+
+async def open_source(
+    source: AvatarSource,
+    *,
+    realtime: bool = True,
+    resolver: AvatarResolver | None = None,
+    retry: RetryPolicy | None = None,
+    timeout: float = 30.0,
+) -> OpenedAvatar:
+    """:func:`open_avatar` for a source already decided: nothing is checked or read again."""
+    if source.is_demo:
         from .demo import DEFAULT_SIZE, DemoRuntime
 
-        demo = await DemoRuntime.create(output_size=output_size or DEFAULT_SIZE, realtime=realtime)
-        return OpenedAvatar(demo)
-    secret = bithuman_secret(api_secret)
-    if avatar_id is not None:
+        size = source.output_size or DEFAULT_SIZE
+        return OpenedAvatar(await DemoRuntime.create(output_size=size, realtime=realtime))
+    if source.avatar_id is not None:
         if resolver is None:
             from ..hub.resolver import ModelHub
 
-            resolver = ModelHub(api_secret=secret, retry=retry, timeout=timeout)
-        source = await resolver.resolve(avatar_id, model=model)
+            hub = ModelHub(api_secret=source.api_secret, retry=retry, timeout=timeout)
+            path = await hub.fetch(source.avatar_id, source.model, source.family)
+        else:
+            path = await resolver.resolve(source.avatar_id, model=source.model)
     else:
-        assert model_path is not None
-        source = Path(model_path)
-        if model:
-            logger.debug("model=%r is ignored with model_path: the file decides", model)
+        assert source.model_path is not None
+        path = source.model_path
+        if source.model:
+            logger.debug("model=%r is ignored with model_path: the file decides", source.model)
     lease = contextlib.ExitStack()
-    path = await asyncio.to_thread(_check_and_hold, source, lease)
+    path = await asyncio.to_thread(_check_and_hold, path, lease)
     try:
         runtime = await load_bithuman_runtime(
             path,
-            api_secret=secret,
-            api_token=bithuman_token(api_token),
-            api_url=runtime_auth_url(api_url),
-            output_size=output_size,
+            api_secret=source.api_secret,
+            api_token=source.api_token,
+            api_url=source.api_url,
+            output_size=source.output_size,
         )
     except BaseException:
         lease.close()

@@ -1,0 +1,128 @@
+"""The contract every place an ``AvatarSession`` renders meets, and what the remote two share.
+
+``AvatarSession`` keeps LiveKit's surface (arguments, ``avatar_identity``, ``start``/``aclose``
+of its base class) and hands the rest to one backend: ``local`` renders in this process,
+``service`` in the avatar service, ``dispatch`` on an avatar worker that LiveKit sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from livekit import rtc
+
+from .. import _compat
+from ..exceptions import AvatarHubError, ConfigurationError
+from ..remote.protocol import RPC_TRIGGER_DYNAMICS, read_answer
+
+if TYPE_CHECKING:
+    from bithuman import VideoControl
+    from livekit.agents import AgentSession
+
+#: registers the session with LiveKit's AvatarSession base class; a backend calls it once,
+#: when the avatar is ready to be spoken to
+Attach = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class LiveKitKeys:
+    """The LiveKit credentials ``start()`` was given (each None: ``LIVEKIT_*`` decides)."""
+
+    url: str | None = None
+    api_key: str | None = None
+    api_secret: str | None = None
+
+
+class AvatarBackend(Protocol):
+    """Where an avatar renders, as ``AvatarSession`` drives it."""
+
+    #: whether the avatar is a participant of its own (LiveKit's base class removes it on
+    #: close); False when the agent's own participant publishes it
+    own_participant: bool
+
+    def identity(self, room: rtc.Room | None) -> str:
+        """The participant that publishes the avatar (``avatar_identity``)."""
+        ...
+
+    async def start(
+        self, agent_session: AgentSession[Any], room: rtc.Room, keys: LiveKitKeys, attach: Attach
+    ) -> None: ...
+
+    async def push(self, control: VideoControl) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+async def push_gesture(
+    room: rtc.Room | None, identity: str, control: VideoControl, mode: str
+) -> None:
+    """A control's gesture to an avatar in a participant of its own. Speech is refused (it goes
+    through the AgentSession there); bitHuman plays a list's first gesture."""
+    if control.audio is not None or control.end_of_speech:
+        raise ConfigurationError(
+            f"in mode={mode!r} the avatar takes speech from the AgentSession; push() sends "
+            "only actions (VideoControl(action=...))"
+        )
+    actions = [control.action] if isinstance(control.action, str) else control.action or []
+    if not actions:
+        return
+    if room is None:
+        raise AvatarHubError("the avatar is not started yet; call start() first")
+    await trigger_remote(room, identity, actions[0], force=bool(control.force_action))
+
+
+async def trigger_remote(room: rtc.Room, identity: str, action: str, *, force: bool) -> None:
+    """bitHuman's cloud dynamics RPC to the avatar participant; its error answer raises."""
+    me = room.local_participant
+    payload: dict[str, Any] = {"action": action, "identity": me.identity, "timestamp": time.time()}
+    if force:
+        payload["force"] = True
+    try:
+        raw = await me.perform_rpc(
+            destination_identity=identity, method=RPC_TRIGGER_DYNAMICS, payload=json.dumps(payload)
+        )
+    except rtc.RpcError as err:
+        raise AvatarHubError(
+            f"the avatar {identity} did not take the gesture {action!r}: {err.message}"
+        ) from None
+    answer = read_answer(raw)
+    if answer.get("status") == "error":
+        raise AvatarHubError(
+            f"the avatar refused the gesture {action!r}: {answer.get('message') or answer}"
+        )
+
+
+def route_audio_to(agent_session: AgentSession[Any], room: rtc.Room, identity: str) -> None:
+    """The agent's speech goes to ``identity`` as LiveKit's DataStream avatar audio."""
+    from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+    try:  # wait_remote_track (1.1+): hold the audio until the avatar publishes video
+        sink = DataStreamAudioOutput(
+            room, destination_identity=identity, wait_remote_track=rtc.TrackKind.KIND_VIDEO
+        )  # type: ignore[call-arg]
+    except TypeError:  # livekit-agents 1.0
+        sink = DataStreamAudioOutput(room, destination_identity=identity)
+    _compat.replace_audio_output(agent_session, sink)
+
+
+async def avatar_joined(room: rtc.Room, identity: str) -> None:
+    """Until ``identity`` is in the room (an avatar publishing on our behalf)."""
+    if identity in room.remote_participants:
+        return
+    joined = asyncio.Event()
+
+    def on_connected(participant: Any) -> None:
+        if participant.identity == identity:
+            joined.set()
+
+    room.on("participant_connected", on_connected)
+    try:
+        if identity not in room.remote_participants:  # it may have joined meanwhile
+            await joined.wait()
+    finally:
+        room.off("participant_connected", on_connected)

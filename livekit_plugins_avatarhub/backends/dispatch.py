@@ -1,0 +1,119 @@
+"""``mode="dispatch"``: the agent dispatches an avatar worker into its own room with its
+LiveKit credentials (no service in between), waits for it to join, and speaks to it.
+
+The worker (``python -m livekit_plugins_avatarhub worker start``, registered under the agent
+name ``remote.protocol.agent_name()`` reads) joins as its own participant, publishing on the
+agent's behalf; speech and gestures then travel as in ``mode="participant"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from livekit import rtc
+
+from ..exceptions import APIConnectionError, AvatarHubError, ConfigurationError
+from ..log import logger
+from ..remote.dispatcher import AvatarDispatcher
+from ..remote.protocol import AvatarJob
+from .base import Attach, LiveKitKeys, avatar_joined, push_gesture, route_audio_to
+
+if TYPE_CHECKING:
+    from bithuman import VideoControl
+    from livekit.agents import AgentSession
+
+
+class DispatchBackend:
+    """Dispatch, wait for the join, speak and gesture to the avatar; withdraw it on close."""
+
+    own_participant = True
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        model: str | None,
+        identity: str,
+        name: str,
+        agent_name: str,
+        join_timeout: float,
+    ) -> None:
+        self.agent_id, self.model = agent_id, model
+        self._identity, self.name = identity, name
+        self.agent_name, self.join_timeout = agent_name, join_timeout
+        self._dispatcher: AvatarDispatcher | None = None
+        self._room: rtc.Room | None = None
+
+    def identity(self, room: rtc.Room | None) -> str:
+        return self._identity
+
+    async def start(
+        self, agent_session: AgentSession[Any], room: rtc.Room, keys: LiveKitKeys, attach: Attach
+    ) -> None:
+        dispatcher = AvatarDispatcher(
+            url=keys.url,
+            api_key=keys.api_key,
+            api_secret=keys.api_secret,
+            agent_name=self.agent_name,
+        )
+        job = AvatarJob(
+            agent_id=self.agent_id,
+            model=self.model,
+            participant_identity=self._identity,
+            participant_name=self.name,
+            publish_on_behalf=room.local_participant.identity,
+        )
+        try:
+            await dispatcher.ensure(room.name, job)
+        except Exception as err:
+            await dispatcher.aclose()
+            raise livekit_refusal(err, dispatcher.url) from None
+        self._dispatcher, self._room = dispatcher, room
+        try:
+            await asyncio.wait_for(avatar_joined(room, self._identity), self.join_timeout)
+        except asyncio.TimeoutError:
+            await self.aclose()
+            raise AvatarHubError(
+                f"no avatar worker took the avatar {self.agent_id} within "
+                f"{self.join_timeout:.0f}s; is `python -m livekit_plugins_avatarhub worker "
+                f"start` running with agent name {self.agent_name!r}, with room for another?"
+            ) from None
+        await attach()
+        route_audio_to(agent_session, room, self._identity)
+        logger.info("avatar %s renders on a dispatched worker as %s", self.agent_id, self._identity)
+
+    async def push(self, control: VideoControl) -> None:
+        await push_gesture(self._room, self._identity, control, "dispatch")
+
+    async def aclose(self) -> None:
+        dispatcher, self._dispatcher = self._dispatcher, None
+        room, self._room = self._room, None
+        if dispatcher is None:
+            return
+        try:
+            if room is not None:
+                await dispatcher.remove(room.name, self.agent_id)
+        except Exception as err:  # the job ends with the room anyway
+            logger.debug("removing the avatar dispatch failed: %s", err)
+        finally:
+            await dispatcher.aclose()
+
+
+def livekit_refusal(err: Exception, url: str | None) -> Exception:
+    """LiveKit's own answer to a server API call, in one line that says what to check."""
+    import aiohttp
+
+    status = getattr(err, "status", None)
+    if status in (401, 403):
+        code = getattr(err, "code", None)
+        detail = f", {code}" if code and code != "unknown" else ""
+        return ConfigurationError(
+            f"LiveKit at {url} refused the API key and secret (HTTP {status}{detail}); check "
+            "LIVEKIT_API_KEY and LIVEKIT_API_SECRET"
+        )
+    if isinstance(err, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
+        return APIConnectionError(
+            f"LiveKit at {url} is unreachable ({type(err).__name__}: {err}); check LIVEKIT_URL"
+        )
+    return err

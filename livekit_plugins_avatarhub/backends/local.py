@@ -1,0 +1,175 @@
+"""``mode="local"``: the avatar renders in the agent's process and the agent publishes it.
+
+The runtime (prewarmed, or opened from the session's ``AvatarSource``) feeds LiveKit's
+``AvatarRunner`` through our video generator; the AgentSession's speech reaches it through a
+queue. LiveKit's server never delivers a participant's RPC to itself, so bitHuman's documented
+``trigger_dynamics`` call to ``avatar_identity`` (here: the agent) is answered in the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from livekit import rtc
+
+from .. import _compat
+from .._retry import RetryPolicy
+from ..exceptions import AvatarHubError
+from ..log import logger
+from ..remote.protocol import RPC_TRIGGER_DYNAMICS, Push, handle
+from ..rendering.generator import RuntimeVideoGenerator
+from ..rendering.loader import OpenedAvatar, open_source
+from ..rendering.publish import VideoPublishOptions, avatar_runner
+from ..rendering.runtime import AvatarRuntime, renew_for_job
+from ..rendering.source import AvatarSource
+from .base import Attach, LiveKitKeys
+
+if TYPE_CHECKING:
+    from bithuman import VideoControl
+    from livekit.agents import AgentSession
+    from livekit.agents.voice.avatar import AvatarRunner
+
+    from ..hub.resolver import AvatarResolver
+
+
+class LocalBackend:
+    """One avatar rendered here: load, run, answer gestures, close mid-reply cleanly."""
+
+    own_participant = False
+
+    def __init__(
+        self,
+        *,
+        source: AvatarSource | None,
+        runtime: AvatarRuntime | None,
+        resolver: AvatarResolver | None,
+        retry: RetryPolicy,
+        timeout: float,
+        video_options: VideoPublishOptions,
+        fallback_identity: str,
+    ) -> None:
+        self._source, self._runtime = source, runtime
+        self._resolver, self._retry, self._timeout = resolver, retry, timeout
+        self._video_options = video_options
+        self._fallback_identity = fallback_identity
+        self._opened: OpenedAvatar | None = None  # what this backend loaded (runtime + lease)
+        self._runner: AvatarRunner | None = None
+        self.generator: RuntimeVideoGenerator | None = None
+        self._audio_sink: Any = None
+        self._stop_answering: Callable[[], None] | None = None
+
+    @property
+    def runtime(self) -> AvatarRuntime | None:
+        return self._runtime
+
+    def identity(self, room: rtc.Room | None) -> str:
+        if room is not None:  # the agent's own participant publishes the avatar
+            try:
+                return str(room.local_participant.identity)
+            except Exception:  # not connected yet
+                pass
+        return self._fallback_identity
+
+    async def push(self, control: VideoControl) -> None:
+        if self._runtime is None:
+            raise AvatarHubError("the avatar runtime is not loaded yet; call start() first")
+        await self._runtime.push(control)
+
+    async def _trigger(self, action: str, force: bool) -> None:
+        from bithuman import VideoControl
+
+        await self.push(VideoControl(action=action, force_action=force))
+
+    async def start(
+        self, agent_session: AgentSession[Any], room: rtc.Room, keys: LiveKitKeys, attach: Attach
+    ) -> None:
+        """Load the runtime, then route the agent's speech through it into ``room``. The
+        LiveKit credentials are not needed: the agent's own connection publishes."""
+        try:
+            runtime = await self._load_runtime()
+            generator = await RuntimeVideoGenerator.create(runtime, live=True)
+        except BaseException:
+            await self._release_runtime()
+            raise
+        self.generator = generator
+        await attach()
+        audio_sink = _compat.queue_audio_output(generator.audio_sample_rate)
+        self._audio_sink = audio_sink
+        self._runner = avatar_runner(room, generator, audio_sink, self._video_options)
+        await self._runner.start()
+        _compat.replace_audio_output(agent_session, audio_sink)
+        self._stop_answering = answer_in_process(room.local_participant, self._trigger)
+        logger.info(
+            "avatar started",
+            extra={
+                "avatar": self._source.name if self._source else type(runtime).__name__,
+                "size": "x".join(map(str, generator.video_resolution)),
+                "fps": generator.video_fps,
+            },
+        )
+
+    async def _load_runtime(self) -> AvatarRuntime:
+        if self._runtime is not None:  # prewarmed: make it ready for this job
+            await renew_for_job(self._runtime)
+            return self._runtime
+        assert self._source is not None
+        self._opened = await open_source(
+            self._source, resolver=self._resolver, retry=self._retry, timeout=self._timeout
+        )
+        self._runtime = self._opened.runtime
+        return self._runtime
+
+    async def _release_runtime(self) -> None:
+        opened, self._opened = self._opened, None
+        if opened is not None:  # loaded here: free the runtime and the model's lease
+            self._runtime = None
+            await opened.aclose()
+        elif self._runtime is not None:  # the caller's (runtime=): stop talking, keep it
+            self._runtime.interrupt()
+
+    async def aclose(self) -> None:
+        """Stop rendering and free what was loaded; a runtime passed in stays usable."""
+        stop_answering, self._stop_answering = self._stop_answering, None
+        if stop_answering is not None:
+            stop_answering()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.aclose()
+            # a reply cut off by the close must still end for the AgentSession
+            position = float(getattr(runner, "_playback_position", 0.0) or 0.0)
+            _compat.finish_interrupted_playback(self._audio_sink, position)
+        await self._release_runtime()
+
+
+def answer_in_process(participant: rtc.LocalParticipant, push: Push) -> Callable[[], None]:
+    """Answer ``trigger_dynamics`` as ``participant``, its own calls included; returns undo."""
+
+    async def on_call(data: rtc.RpcInvocationData) -> str:
+        return await handle(data.payload, push)
+
+    participant.register_rpc_method(RPC_TRIGGER_DYNAMICS, on_call)
+    through_livekit = participant.perform_rpc
+
+    async def perform_rpc(
+        *, destination_identity: str, method: str, payload: str, **kw: Any
+    ) -> str:
+        if destination_identity == participant.identity and method == RPC_TRIGGER_DYNAMICS:
+            # the avatar renders here: LiveKit would not route this call back to its sender
+            logger.debug("trigger_dynamics to the avatar in this process")
+            return await handle(payload, push)
+        return await through_livekit(
+            destination_identity=destination_identity, method=method, payload=payload, **kw
+        )
+
+    participant.perform_rpc = perform_rpc  # type: ignore[method-assign]
+
+    def undo() -> None:
+        if participant.__dict__.get("perform_rpc") is perform_rpc:
+            del participant.perform_rpc
+        try:
+            participant.unregister_rpc_method(RPC_TRIGGER_DYNAMICS)
+        except Exception:  # the room is gone already
+            pass
+
+    return undo
