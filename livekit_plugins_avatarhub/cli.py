@@ -182,6 +182,7 @@ def _api_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .remote.participant import DEFAULT_IDLE_TIMEOUT
     from .rendering import mp4
 
     parser = argparse.ArgumentParser(
@@ -285,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--idle-timeout",
         type=_seconds,
-        default=300.0,
+        default=DEFAULT_IDLE_TIMEOUT,
         help="seconds with no one else in the room and no audio before an avatar leaves "
-        "(default 300; 0 never)",
+        "(default %(default)g; 0 never)",
     )
     p.add_argument(
         "--dispatch",

@@ -251,7 +251,9 @@ async def test_closing_mid_reply_never_hangs(first, model_file, fake_bithuman):
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.3)
     finished = []
-    avatar._backend._audio_sink.on("playback_finished", finished.append)  # what the AgentSession hears
+    avatar._backend._audio_sink.on(
+        "playback_finished", finished.append
+    )  # what the AgentSession hears
     closes = (
         (avatar.aclose, session.aclose) if first == "avatar" else (session.aclose, avatar.aclose)
     )
