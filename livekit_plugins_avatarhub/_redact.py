@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import re
 
+import httpx  # what logs the URLs; the package imports it anyway (api.py)
+
 _QUERY = re.compile(r"\?[^\s'\"<>]*")
 
 
@@ -48,8 +50,8 @@ class NoSignedQueries(logging.Filter):
 def _redacted(arg: object) -> object:
     if isinstance(arg, str):
         return without_query(arg)
-    if type(arg).__name__ == "URL" and getattr(arg, "query", None):  # httpx.URL, not imported
-        return arg.copy_with(query=b"redacted")  # type: ignore[attr-defined]
+    if isinstance(arg, httpx.URL) and arg.query:
+        return arg.copy_with(query=b"redacted")
     return arg
 
 

@@ -18,7 +18,7 @@ from livekit import rtc
 from . import _compat, config, ids
 from ._redact import redact
 from ._retry import RetryPolicy
-from .backends.base import AvatarBackend, LiveKitKeys
+from .backends.base import AvatarBackend, LiveKitKeys, RemoteAvatar
 from .backends.local import LocalBackend
 from .config import env_or
 from .exceptions import (
@@ -130,7 +130,9 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 fallback_identity=identity,
             )
         else:
-            agent_id = self._remote_avatar(mode, arg_path, given_runtime)
+            avatar = RemoteAvatar(
+                self._remote_avatar(mode, arg_path, given_runtime), self._model, identity, name
+            )
             if mode == "participant":
                 from .backends.service import ServiceBackend
 
@@ -142,22 +144,16 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                         "serve`)"
                     )
                 self._backend = ServiceBackend(
+                    avatar=avatar,
                     service_url=url,
                     service_key=config.service_key(service_key),
-                    agent_id=agent_id,
-                    model=self._model,
-                    identity=identity,
-                    name=name,
                     retry=retry,
                 )
             else:
                 from .backends.dispatch import DispatchBackend
 
                 self._backend = DispatchBackend(
-                    agent_id=agent_id,
-                    model=self._model,
-                    identity=identity,
-                    name=name,
+                    avatar=avatar,
                     agent_name=agent_name(),
                     join_timeout=max(conn_options.timeout, 60.0),
                 )

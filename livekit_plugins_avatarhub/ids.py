@@ -85,6 +85,12 @@ def is_cloud_only(model: str | None) -> bool:
     return model is not None and _MODEL_FAMILIES.get(model.strip().lower(), "") is None
 
 
+def download_family(model: str | None) -> str | None:
+    """The family to download for ``model``: None for the agent's own model, and for a
+    cloud-only name (the hub then picks a family the agent has)."""
+    return None if model is None or is_cloud_only(model) else model_family(model)
+
+
 def check_model(model: str | None) -> str | None:
     """``model`` if bitHuman knows the name (cloud-only names included: where they render
     is decided later); ConfigurationError for a name nobody knows."""

@@ -38,6 +38,16 @@ class LiveKitKeys:
     api_secret: str | None = None
 
 
+@dataclass(frozen=True)
+class RemoteAvatar:
+    """An avatar that is a participant of its own: what it renders, and who it is in the room."""
+
+    agent_id: str
+    model: str | None
+    identity: str
+    name: str
+
+
 class AvatarBackend(Protocol):
     """Where an avatar renders, as ``AvatarSession`` drives it."""
 

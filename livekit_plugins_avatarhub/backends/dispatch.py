@@ -17,7 +17,7 @@ from ..exceptions import APIConnectionError, AvatarHubError, ConfigurationError
 from ..log import logger
 from ..remote.dispatcher import AvatarDispatcher
 from ..remote.protocol import AvatarJob
-from .base import Attach, LiveKitKeys, avatar_joined, push_gesture, route_audio_to
+from .base import Attach, LiveKitKeys, RemoteAvatar, avatar_joined, push_gesture, route_audio_to
 
 if TYPE_CHECKING:
     from bithuman import VideoControl
@@ -32,21 +32,17 @@ class DispatchBackend:
     def __init__(
         self,
         *,
-        agent_id: str,
-        model: str | None,
-        identity: str,
-        name: str,
+        avatar: RemoteAvatar,
         agent_name: str,
         join_timeout: float,
     ) -> None:
-        self.agent_id, self.model = agent_id, model
-        self._identity, self.name = identity, name
+        self.avatar = avatar
         self.agent_name, self.join_timeout = agent_name, join_timeout
         self._dispatcher: AvatarDispatcher | None = None
         self._room: rtc.Room | None = None
 
     def identity(self, room: rtc.Room | None) -> str:
-        return self._identity
+        return self.avatar.identity
 
     async def start(
         self, agent_session: AgentSession[Any], room: rtc.Room, keys: LiveKitKeys, attach: Attach
@@ -57,11 +53,12 @@ class DispatchBackend:
             api_secret=keys.api_secret,
             agent_name=self.agent_name,
         )
+        avatar = self.avatar
         job = AvatarJob(
-            agent_id=self.agent_id,
-            model=self.model,
-            participant_identity=self._identity,
-            participant_name=self.name,
+            agent_id=avatar.agent_id,
+            model=avatar.model,
+            participant_identity=avatar.identity,
+            participant_name=avatar.name,
             publish_on_behalf=room.local_participant.identity,
         )
         try:
@@ -71,20 +68,22 @@ class DispatchBackend:
             raise livekit_refusal(err, dispatcher.url) from None
         self._dispatcher, self._room = dispatcher, room
         try:
-            await asyncio.wait_for(avatar_joined(room, self._identity), self.join_timeout)
+            await asyncio.wait_for(avatar_joined(room, avatar.identity), self.join_timeout)
         except asyncio.TimeoutError:
             await self.aclose()
             raise AvatarHubError(
-                f"no avatar worker took the avatar {self.agent_id} within "
+                f"no avatar worker took the avatar {avatar.agent_id} within "
                 f"{self.join_timeout:.0f}s; is `python -m livekit_plugins_avatarhub worker "
                 f"start` running with agent name {self.agent_name!r}, with room for another?"
             ) from None
         await attach()
-        route_audio_to(agent_session, room, self._identity)
-        logger.info("avatar %s renders on a dispatched worker as %s", self.agent_id, self._identity)
+        route_audio_to(agent_session, room, avatar.identity)
+        logger.info(
+            "avatar %s renders on a dispatched worker as %s", avatar.agent_id, avatar.identity
+        )
 
     async def push(self, control: VideoControl) -> None:
-        await push_gesture(self._room, self._identity, control, "dispatch")
+        await push_gesture(self._room, self.avatar.identity, control, "dispatch")
 
     async def aclose(self) -> None:
         dispatcher, self._dispatcher = self._dispatcher, None
@@ -93,7 +92,7 @@ class DispatchBackend:
             return
         try:
             if room is not None:
-                await dispatcher.remove(room.name, self.agent_id)
+                await dispatcher.remove(room.name, self.avatar.agent_id)
         except Exception as err:  # the job ends with the room anyway
             logger.debug("removing the avatar dispatch failed: %s", err)
         finally:

@@ -20,7 +20,7 @@ from ..api import status_error
 from ..config import livekit_credentials, tls_context
 from ..exceptions import APIConnectionError
 from ..log import logger
-from .base import Attach, LiveKitKeys, push_gesture, route_audio_to
+from .base import Attach, LiveKitKeys, RemoteAvatar, push_gesture, route_audio_to
 
 if TYPE_CHECKING:
     from bithuman import VideoControl
@@ -35,22 +35,18 @@ class ServiceBackend:
     def __init__(
         self,
         *,
+        avatar: RemoteAvatar,
         service_url: str,
         service_key: str | None,
-        agent_id: str,
-        model: str | None,
-        identity: str,
-        name: str,
         retry: RetryPolicy,
     ) -> None:
+        self.avatar = avatar
         self.service_url, self._service_key = service_url, service_key
-        self.agent_id, self.model = agent_id, model
-        self._identity, self.name = identity, name
         self._retry = retry
         self._room: rtc.Room | None = None
 
     def identity(self, room: rtc.Room | None) -> str:
-        return self._identity
+        return self.avatar.identity
 
     async def start(
         self, agent_session: AgentSession[Any], room: rtc.Room, keys: LiveKitKeys, attach: Attach
@@ -62,19 +58,20 @@ class ServiceBackend:
             keys.api_secret,
             needed_for="mode='participant' mints a token for the avatar",
         )
+        avatar = self.avatar
         token = avatar_token(
             api_key=lk_key,
             api_secret=lk_secret,
             room=room.name,
-            identity=self._identity,
-            name=self.name,
+            identity=avatar.identity,
+            name=avatar.name,
             on_behalf_of=room.local_participant.identity,
         )
         await launch_avatar(
             service_url=self.service_url,
             service_key=self._service_key,
-            agent_id=self.agent_id,
-            model=self.model,
+            agent_id=avatar.agent_id,
+            model=avatar.model,
             livekit_url=lk_url,
             livekit_token=token,
             room_name=room.name,
@@ -82,11 +79,11 @@ class ServiceBackend:
         )
         self._room = room
         await attach()
-        route_audio_to(agent_session, room, self._identity)
-        logger.info("avatar %s renders remotely as %s", self.agent_id, self._identity)
+        route_audio_to(agent_session, room, avatar.identity)
+        logger.info("avatar %s renders remotely as %s", avatar.agent_id, avatar.identity)
 
     async def push(self, control: VideoControl) -> None:
-        await push_gesture(self._room, self._identity, control, "participant")
+        await push_gesture(self._room, self.avatar.identity, control, "participant")
 
     async def aclose(self) -> None:
         if self._room is not None:
@@ -94,7 +91,7 @@ class ServiceBackend:
             await leave(
                 service_url=self.service_url,
                 service_key=self._service_key,
-                agent_id=self.agent_id,
+                agent_id=self.avatar.agent_id,
                 room_name=room.name,
             )
 

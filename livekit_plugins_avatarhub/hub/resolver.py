@@ -39,7 +39,12 @@ from ..exceptions import (
     RateLimitedError,
     ServiceUnavailableError,
 )
-from ..ids import DOWNLOADABLE_FAMILIES, is_cloud_only, model_family, validate_avatar_id
+from ..ids import (
+    DOWNLOADABLE_FAMILIES,
+    download_family,
+    is_cloud_only,
+    validate_avatar_id,
+)
 from ..log import logger
 from .cache import ModelCache, ModelRecord
 from .download import (
@@ -128,7 +133,7 @@ class ModelHub:
 
     async def resolve(self, avatar_id: str, *, model: str | None = None) -> Path:
         code = validate_avatar_id(avatar_id)
-        return await self.fetch(code, model, None if is_cloud_only(model) else model_family(model))
+        return await self.fetch(code, model, download_family(model))
 
     async def fetch(self, code: str, model: str | None, family: str | None) -> Path:
         """:meth:`resolve` for an agent code and model already checked (``AvatarSource``):

@@ -14,7 +14,7 @@ from pathlib import Path
 from .._redact import redact
 from ..config import bithuman_secret, bithuman_token, runtime_auth_url
 from ..exceptions import ConfigurationError
-from ..ids import check_avatar, check_model, is_cloud_only, is_demo, model_family
+from ..ids import check_avatar, check_model, download_family, is_demo
 from .runtime import check_output_size
 
 
@@ -54,7 +54,7 @@ class AvatarSource:
             avatar_id=check_avatar(avatar_id) if avatar_id is not None else None,
             model_path=Path(model_path).expanduser() if model_path is not None else None,
             model=model,
-            family=None if model is None or is_cloud_only(model) else model_family(model),
+            family=download_family(model),
             api_secret=bithuman_secret(api_secret),
             api_token=bithuman_token(api_token),
             api_url=runtime_auth_url(api_url),
