@@ -160,8 +160,8 @@ async def create_runtime(
     """A runtime for ``avatar`` (``"demo"``, an agent code, or a model path) or ``model_path``.
 
     Build one per worker process and hand it to ``AvatarSession(runtime=...)`` for every job.
-    Its model file stays leased (never evicted from the cache) until the runtime is garbage
-    collected. Agent codes are resolved through ``ModelHub``.
+    Its model file stays leased (never evicted from the cache) until ``runtime.cleanup()``, or
+    until the runtime is garbage collected. Agent codes are resolved through ``ModelHub``.
     """
     if (avatar is None) == (model_path is None):
         raise ConfigurationError("pass an avatar ('demo', an agent code or a path) or model_path=")
@@ -180,11 +180,30 @@ async def create_runtime(
 
 
 def _lease_for_lifetime(opened: OpenedAvatar) -> None:
-    """Tie the lease to the runtime object, or to the process when it takes no weak reference."""
-    try:  # the callback must not reference the runtime, or it would never be collected
-        weakref.finalize(opened.runtime, opened._lease.close)
+    """Tie the lease to the runtime: ``runtime.cleanup()`` frees it, and so does garbage
+    collection for a runtime dropped without one (or the process, for a runtime that takes no
+    weak reference)."""
+    runtime, release = opened.runtime, opened._lease.close
+    try:  # the callbacks must not reference the runtime, or it would never be collected
+        weakref.finalize(runtime, release)
+        alive = weakref.ref(runtime)
     except TypeError:
         _PROCESS_LEASES.append(opened)
+        return
+    cleanup = getattr(type(runtime), "cleanup", None)
+    if cleanup is None:
+        return
+
+    def cleanup_and_release() -> None:
+        target = alive()
+        try:
+            if target is not None:
+                cleanup(target)
+        finally:
+            release()
+
+    with contextlib.suppress(AttributeError):  # a runtime with __slots__ keeps the GC rule
+        runtime.cleanup = cleanup_and_release  # type: ignore[method-assign]
 
 
 _PROCESS_LEASES: list[OpenedAvatar] = []
