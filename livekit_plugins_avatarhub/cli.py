@@ -156,6 +156,12 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _port_or_zero(text: str) -> int:
+    if text == "0":
+        return 0
+    return _port(text)
+
+
 def _host(text: str) -> str:
     """An IP address or a host name; dotted numbers must be a valid IPv4 address."""
     import ipaddress
@@ -276,6 +282,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gestures)
 
     p = sub.add_parser(
+        "doctor",
+        help="check this machine: versions, the bitHuman secret, the cache, LiveKit, codecs",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-browser", action="store_true", help="skip the Chromium codec check (slow)")
+    _api_options(p)
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser(
+        "preview",
+        help="see and talk to an avatar in your browser, in a real LiveKit room",
+        description="Puts the avatar in a LiveKit room and serves a page on 127.0.0.1 that "
+        "joins it: the avatar's video and audio, your microphone, the sample speech, its "
+        "gestures, live figures. LiveKit: LIVEKIT_URL / LIVEKIT_API_KEY / LIVEKIT_API_SECRET "
+        "when set, else a livekit-server from PATH (or --livekit-server) on loopback.",
+    )
+    p.add_argument(
+        "avatar", nargs="?", default="demo", help="'demo' (default), an agent code, or a .imx"
+    )
+    p.add_argument(
+        "--port", type=_port_or_zero, default=8090, help="the page's port (default 8090; 0 any)"
+    )
+    p.add_argument("--open", action="store_true", help="open the page in a browser")
+    p.add_argument(
+        "--livekit-server", metavar="PATH", help="the livekit-server to start on loopback"
+    )
+    p.add_argument(
+        "--livekit-client",
+        metavar="PATH",
+        help="a local livekit-client (its folder or livekit-client.umd.js) instead of the CDN",
+    )
+    p.add_argument("--model", help="model family for an agent code (default: the agent's)")
+    p.add_argument("--api-secret", help="bitHuman secret (default: BITHUMAN_API_SECRET)")
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser(
         "serve", help="run the self-hosted avatar service (needs the 'service' extra)"
     )
     p.add_argument(
@@ -333,6 +375,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor
+
+    return doctor(args.api_secret, args.api_base, as_json=args.json, browser=not args.no_browser)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .preview.command import run_preview
+
+    return asyncio.run(
+        run_preview(
+            args.avatar,
+            port=args.port,
+            open_browser=args.open,
+            livekit_server=args.livekit_server,
+            livekit_client=args.livekit_client,
+            model=args.model,
+            api_secret=args.api_secret,
+        )
+    )
 
 
 def cmd_render(args: argparse.Namespace) -> int:

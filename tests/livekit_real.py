@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from livekit import api, rtc
+from livekit_plugins_avatarhub.preview.livekit_local import loopback_rtc
 from livekit_plugins_avatarhub.rendering.demo.face import (
     DemoRuntime,  # slow to import: not mid-recording
 )
@@ -102,16 +103,7 @@ class LiveKitServer:
             "port": self.port,
             "bind_addresses": ["127.0.0.1"],
             "keys": {self.api_key: self.api_secret},
-            "rtc": {
-                "node_ip": "127.0.0.1",
-                "tcp_port": self.rtc_tcp_port,
-                "udp_port": self.rtc_udp_port,
-                "use_external_ip": False,
-                "enable_loopback_candidate": True,
-                "ips": {"includes": ["127.0.0.1/32"]},
-                # handed to clients; a dead loopback port keeps them off public STUN servers
-                "stun_servers": [f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}"],
-            },
+            "rtc": loopback_rtc(self.rtc_tcp_port, self.rtc_udp_port),
             "room": {"auto_create": True, "empty_timeout": 30, "departure_timeout": 5},
             "logging": {"level": "info", "json": True, "pion_level": "error"},
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 
 import httpx
 import numpy as np
@@ -103,6 +104,51 @@ async def test_capacity_limit_answers_503_with_retry_after(avatar_service):
     r = await client.post("/v1/agents/demo/join-room", json=join_body("r3"))
     assert r.status_code == 503 and r.headers["retry-after"] == "30"
     assert r.json()["error"]["code"] == "CAPACITY"
+
+
+async def test_ready_says_whether_a_join_would_work_and_why_not(
+    avatar_service, monkeypatch, tmp_path
+):
+    client, _, _ = avatar_service
+    r = await client.get("/ready", headers={"authorization": ""})  # probes carry no key
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["ready"] is True and set(body["checks"]) == {
+        "livekit",
+        "cache",
+        "runtime",
+        "capacity",
+    }
+    assert body["checks"]["capacity"]["detail"] == "2 of 2 avatar slots free"
+    # every slot busy: not ready, though alive
+    for room in ("r1", "r2"):
+        assert (await client.post("/v1/agents/demo/join-room", json=join_body(room))).is_success
+    r = await client.get("/ready")
+    assert r.status_code == 503 and r.json()["reason"] == "capacity: all 2 avatar slots are busy"
+    assert (await client.get("/health")).status_code == 200
+    await client.post("/v1/agents/demo/leave-room", json={"room_name": "r2"})
+    assert (await client.get("/ready")).status_code == 200
+    # a download could not land
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("BITHUMAN_CACHE_DIR", str(blocker / "cache"))
+    r = await client.get("/ready")
+    assert r.status_code == 503 and r.json()["reason"].startswith("cache: the model cache ")
+
+
+async def test_ready_checks_the_services_livekit_credentials(avatar_service, monkeypatch):
+    client, _, _ = avatar_service
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("LIVEKIT_URL", f"ws://127.0.0.1:{port}")  # nothing listens there
+    monkeypatch.setenv("LIVEKIT_API_KEY", LK_KEY)
+    monkeypatch.setenv("LIVEKIT_API_SECRET", LK_SECRET)
+    r = await client.get("/ready")
+    assert r.status_code == 503
+    reason = r.json()["reason"]
+    assert reason.startswith(f"livekit: LiveKit at ws://127.0.0.1:{port} is unreachable")
+    assert LK_SECRET not in r.text
 
 
 async def test_leave_room_stops_the_worker(avatar_service):

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from livekit import rtc
 
-from ..exceptions import APIConnectionError, AvatarHubError, ConfigurationError
+from ..exceptions import AvatarHubError
 from ..log import logger
 from ..remote.dispatcher import AvatarDispatcher
 from ..remote.protocol import AvatarJob
+from ..remote.server_api import livekit_refusal
 from .base import Attach, LiveKitKeys, RemoteAvatar, avatar_joined, push_gesture, route_audio_to
 
 if TYPE_CHECKING:
@@ -97,22 +98,3 @@ class DispatchBackend:
             logger.debug("removing the avatar dispatch failed: %s", err)
         finally:
             await dispatcher.aclose()
-
-
-def livekit_refusal(err: Exception, url: str | None) -> Exception:
-    """LiveKit's own answer to a server API call, in one line that says what to check."""
-    import aiohttp
-
-    status = getattr(err, "status", None)
-    if status in (401, 403):
-        code = getattr(err, "code", None)
-        detail = f", {code}" if code and code != "unknown" else ""
-        return ConfigurationError(
-            f"LiveKit at {url} refused the API key and secret (HTTP {status}{detail}); check "
-            "LIVEKIT_API_KEY and LIVEKIT_API_SECRET"
-        )
-    if isinstance(err, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
-        return APIConnectionError(
-            f"LiveKit at {url} is unreachable ({type(err).__name__}: {err}); check LIVEKIT_URL"
-        )
-    return err

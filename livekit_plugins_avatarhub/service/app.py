@@ -26,10 +26,12 @@ from ..remote.participant import DEFAULT_IDLE_TIMEOUT
 from ..remote.tokens import token_identity, token_room
 from .manager import AvatarManager, CapacityError, WorkerInfo, WorkerManager
 from .metrics import ServiceMetrics
+from .readiness import Readiness
 
 MANAGER: web.AppKey[AvatarManager] = web.AppKey("manager")
 METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics", ServiceMetrics)
 BACKGROUND: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("background", set)
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
 RETRY_AFTER_SECONDS = 30
 _FIELD_LIMIT = 16 * 1024  # bytes of one form field
 _PHOTO_FIELDS = ("image", "avatar_image", "avatar_image_url")
@@ -66,7 +68,7 @@ def create_app(manager: AvatarManager, *, key: str) -> web.Application:
 
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path not in ("/health", "/metrics"):
+        if request.path not in ("/health", "/ready", "/metrics"):
             auth = request.headers.get("authorization", "")
             given = (
                 auth[7:]
@@ -111,7 +113,9 @@ def create_app(manager: AvatarManager, *, key: str) -> web.Application:
     app[MANAGER] = manager
     app[METRICS] = ServiceMetrics(manager)
     app[BACKGROUND] = set()
+    app[READINESS] = Readiness(manager, dispatch=hasattr(manager, "dispatcher"))
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/workers", list_workers)
     app.router.add_post("/v1/agents/{agent_id}/join-room", join_room)
@@ -135,6 +139,19 @@ async def health(request: web.Request) -> web.Response:
     if hasattr(manager, "dispatcher"):
         body["dispatch"] = True
     return web.json_response(body)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """200 when a join would work now, else 503 with the first reason (``/health``: alive)."""
+    checks = await request.app[READINESS].checks()
+    failed = [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok]
+    body: dict[str, Any] = {
+        "ready": not failed,
+        "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
+    }
+    if failed:
+        body["reason"] = failed[0]
+    return web.json_response(body, status=503 if failed else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
