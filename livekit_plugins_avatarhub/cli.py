@@ -180,6 +180,17 @@ def _host(text: str) -> str:
     return text
 
 
+def _gesture_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-gestures-from",
+        metavar="IDENTITY",
+        action="append",
+        default=[],
+        help="a participant identity that may trigger gestures besides the agent the avatar "
+        "serves (repeatable, or comma-separated; added to AVATARHUB_ALLOW_GESTURES_FROM)",
+    )
+
+
 def _api_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-secret", help="default: BITHUMAN_API_SECRET")
     parser.add_argument(
@@ -344,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dispatch: the avatar workers' agent name (default: AVATARHUB_AGENT_NAME, "
         "else avatarhub-avatar)",
     )
+    _gesture_option(p)
     p.add_argument("--key", help="the key clients must send (default: AVATARHUB_SERVICE_KEY)")
     p.add_argument(
         "--api-secret", help="bitHuman secret for model downloads (default: BITHUMAN_API_SECRET)"
@@ -594,6 +606,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_workers < 1:
         raise SystemExit("error: --max-workers must be at least 1")
     secret = config.bithuman_secret(args.api_secret)
+    from .remote.protocol import allow_gestures_from
+
+    allow_gestures_from(args.allow_gestures_from)
     try:
         _serve(args, serve, key, secret)
     except OSError as err:  # the address is taken, or not this machine's

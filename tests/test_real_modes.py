@@ -10,7 +10,8 @@ on a LiveKit worker, and a real subscriber decodes the avatar it publishes.
 In each: the video at the published size at >= 24 FPS over 10 s, the speech in the avatar's
 audio, the mouth open while it speaks and shut in its silences, playback finished reported
 back (the agent's ``wait_for_playout()`` returns), the ``trigger_dynamics`` RPC answered for
-another participant and for bitHuman's documented call from the agent itself.
+bitHuman's documented call from the agent itself and, where the avatar is a participant of its
+own, for a participant the operator allowed (``--allow-gestures-from``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ async def backend(mode: str, server, tmp_path):
     if mode == "local":
         yield {}
     elif mode in ("participant", "official"):
-        async with avatar_service(server, tmp_path) as (_, client):
+        async with avatar_service(server, tmp_path, "--allow-gestures-from", "viewer") as (
+            _,
+            client,
+        ):
             base = str(client.base_url)
             if mode == "participant":
                 yield {
@@ -61,7 +65,9 @@ async def backend(mode: str, server, tmp_path):
                     "BITHUMAN_API_SECRET": SERVICE_KEY,
                 }
     elif mode == "dispatch":
-        async with avatar_worker(server, tmp_path, "avatars-real"):
+        async with avatar_worker(
+            server, tmp_path, "avatars-real", "--allow-gestures-from", "viewer"
+        ):
             yield {
                 "AVATARHUB_TEST_AVATAR_KWARGS": json.dumps({"mode": "dispatch"}),
                 "AVATARHUB_AGENT_NAME": "avatars-real",
@@ -97,7 +103,7 @@ async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
             sub.record(avatar)
             started = time.monotonic()
             await until(lambda: time.monotonic() - started > 16, 30, "16 s of the avatar")
-            # another participant plays a gesture
+            # another participant plays a gesture (the viewer: allowed by the operator)
             answer = await sub.room.local_participant.perform_rpc(
                 destination_identity=avatar.identity,
                 method="trigger_dynamics",

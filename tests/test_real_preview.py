@@ -96,6 +96,17 @@ async def start_preview(tmp_path: Path, *argv: str, **env: str) -> asyncio.subpr
     )
 
 
+async def stop(process: asyncio.subprocess.Process) -> None:
+    """Ctrl-C, as a user stops it (it stops what it started), then SIGKILL if it hangs."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+
+
 async def page_url(process: asyncio.subprocess.Process) -> str:
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
@@ -105,17 +116,17 @@ async def page_url(process: asyncio.subprocess.Process) -> str:
 
 
 async def mouths(page, count: int, every: float = 0.1) -> list[float]:
-    """The demo mouth's openness on ``count`` frames of the page's own <video>."""
-    width = await page.evaluate("document.getElementById('video').videoWidth")
-    height = await page.evaluate("document.getElementById('video').videoHeight")
+    """The demo mouth's openness on ``count`` frames of the page's own <video>, each drawn at
+    one size (libwebrtc may change the received size on a loaded machine)."""
+    width, height = 640, 360
     x0, y0, x1, y1 = demo_mouth_box(width, height)
-    grab = """([x, y, w, h]) => {
+    grab = """([w, h, x, y, bw, bh]) => {
         const video = document.getElementById('video');
         const canvas = (window._grab ||= document.createElement('canvas'));
-        canvas.width = video.videoWidth; canvas.height = video.videoHeight;
+        canvas.width = w; canvas.height = h;
         const g = canvas.getContext('2d', { willReadFrequently: true });
-        g.drawImage(video, 0, 0);
-        const bytes = g.getImageData(x, y, w, h).data;
+        g.drawImage(video, 0, 0, w, h);
+        const bytes = g.getImageData(x, y, bw, bh).data;
         let text = '';
         for (let i = 0; i < bytes.length; i += 8192)
           text += String.fromCharCode.apply(null, bytes.subarray(i, i + 8192));
@@ -123,7 +134,8 @@ async def mouths(page, count: int, every: float = 0.1) -> list[float]:
     }"""
     found = []
     for _ in range(count):
-        data = base64.b64decode(await page.evaluate(grab, [x0, y0, x1 - x0, y1 - y0]))
+        box = [width, height, x0, y0, x1 - x0, y1 - y0]
+        data = base64.b64decode(await page.evaluate(grab, box))
         rgba = np.frombuffer(data, np.uint8).reshape(y1 - y0, x1 - x0, 4)
         found.append(mouth_openness(rgba, (0, 0, x1 - x0, y1 - y0)))
         await asyncio.sleep(every)
@@ -205,9 +217,7 @@ async def test_the_preview_shows_the_avatar_and_it_lip_syncs_the_microphone(tmp_
         assert await asyncio.wait_for(process.wait(), 30) == 0
         assert not any(p.is_running() for p in started), "livekit-server left running"
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await stop(process)
     err = (tmp_path / "preview.err").read_text()
     assert "could not start a browser: open http://127.0.0.1:" in err, err
 
@@ -222,9 +232,7 @@ async def test_an_agent_code_that_fails_to_load_is_shown_and_stops_everything(
         await page_url(process)
         assert await asyncio.wait_for(process.wait(), 60) == 1
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await stop(process)
     err = (tmp_path / "preview.err").read_text().strip().splitlines()
     errors = [line for line in err if line.startswith("error: ")]
     assert len(errors) == 1 and "B000000404" in errors[0], err

@@ -94,6 +94,7 @@ async def _start_worker(ctx: JobContext, job: AvatarJob) -> Any:
         agent_id=job.agent_id,
         model=job.model,
         listen_to=job.listen_to,
+        allow_gestures_from=job.allow_gestures_from,
         opener=_process_opener(ctx.proc.userdata),
         room_factory=lambda: room,
     )
@@ -235,7 +236,7 @@ def worker_options(
 
 def main(argv: list[str]) -> int:
     """``worker [--agent-name NAME] [--max-avatars N] [--prometheus-port P] [--http-port P]
-    start|dev|...``:
+    [--allow-gestures-from IDENTITY] start|dev|...``:
     LiveKit's worker CLI, with LiveKit's own Prometheus metrics where it has them."""
     import argparse
 
@@ -247,6 +248,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prometheus-port", type=int, default=None)
     # LiveKit's health-check server (8081 by default): a second worker on one machine needs another
     parser.add_argument("--http-port", type=int, default=None)
+    parser.add_argument("--allow-gestures-from", action="append", default=[])
     ours, rest = parser.parse_known_args(argv)
     if ours.max_avatars is not None and ours.max_avatars < 1:
         print("error: --max-avatars must be at least 1", file=sys.stderr)
@@ -269,6 +271,9 @@ def main(argv: list[str]) -> int:
             print("error: --http-port must be from 0 to 65535", file=sys.stderr)
             return 2
         extra["port"] = ours.http_port
+    protocol.allow_gestures_from(
+        ours.allow_gestures_from
+    )  # job processes read it from the environment
     options = worker_options(agent_name=ours.agent_name, max_avatars=ours.max_avatars, **extra)
     sys.argv = ["worker", *rest]  # LiveKit's CLI: start | dev | connect ..., --url, ...
     refused = _StopWhenKeysRefused()

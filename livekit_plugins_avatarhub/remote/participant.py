@@ -12,13 +12,20 @@ in the room could read it); both need the token's ``canUpdateOwnMetadata`` grant
 could not be done is reported in ``warnings``. It leaves by itself when the room has had no
 other participant and no audio for ``idle_timeout`` seconds, and rides out LiveKit's
 reconnects (``reconnecting`` meanwhile).
+
+It serves one participant (:attr:`AvatarWorker.serves`): the ``listen_to`` microphone, else the
+agent named by its own ``lk.publish_on_behalf`` attribute (every launch path sets it). Only
+that participant's audio is rendered, and only that participant, plus the identities the
+operator allows (``allow_gestures_from``, ``AVATARHUB_ALLOW_GESTURES_FROM``), may trigger its
+gestures; anyone else gets an RPC error. Without either, it follows LiveKit's rule: the first
+agent participant, and gestures from agent participants only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from livekit.agents.voice.avatar import AudioReceiver, AvatarRunner
@@ -31,7 +38,8 @@ from ..rendering.generator import FrameStats, RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar
 from ..rendering.publish import VideoPublishOptions, avatar_runner
 from ..rendering.runtime import AvatarRuntime
-from .protocol import RPC_TRIGGER_DYNAMICS, handle
+from .protocol import RPC_NOT_ALLOWED, RPC_TRIGGER_DYNAMICS, gesture_callers, handle
+from .server_api import http_url, same_server
 from .tokens import token_claims, token_room
 
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -63,12 +71,18 @@ class AvatarWorker:
         room_factory: RoomFactory = rtc.Room,
         video_options: VideoPublishOptions | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        allow_gestures_from: Iterable[str] = (),
     ) -> None:
         self.agent_id = agent_id
         self.model = model
         self.listen_to = listen_to
         self.participant_name = participant_name
         self.idle_timeout = idle_timeout
+        #: who may trigger gestures besides the participant it serves
+        self.allowed = gesture_callers(allow_gestures_from)
+        #: the participant whose audio it renders (decided once it has joined)
+        self.serves: str | None = listen_to
+        self._refused: set[str] = set()
         self.participant_sid: str | None = None
         self.warnings: list[str] = []
         self.reconnecting = False
@@ -110,6 +124,7 @@ class AvatarWorker:
             self.room.on("disconnected", self._on_disconnected)
             self.room.on("reconnecting", self._on_reconnecting)
             self.room.on("reconnected", self._on_reconnected)
+            self.serves = self.listen_to or _on_behalf_of(self.room.local_participant)
             self.room.local_participant.register_rpc_method(RPC_TRIGGER_DYNAMICS, self._on_trigger)
             await self._present_self()
         except BaseException:
@@ -125,9 +140,11 @@ class AvatarWorker:
     async def _present_self(self) -> None:
         """Its LiveKit SID, the display name asked for, and no secret in its attributes.
 
-        Renaming itself needs the token's ``canUpdateOwnMetadata`` grant (without it LiveKit
-        ignores the request silently); otherwise the service's own LiveKit credentials do it
-        server side through RoomService."""
+        With LiveKit credentials (``LIVEKIT_URL`` / ``LIVEKIT_API_KEY`` /
+        ``LIVEKIT_API_SECRET``) the service removes a leaked secret server side through
+        RoomService, whatever the token allows. Otherwise, and for the name, the avatar updates
+        itself, which needs the token's ``canUpdateOwnMetadata`` grant (without it LiveKit
+        ignores the request silently)."""
         me = self.room.local_participant
         self.participant_sid = getattr(me, "sid", None) or None
         name = self.participant_name
@@ -136,9 +153,15 @@ class AvatarWorker:
         leaked = {k: "" for k in _LEAKED_ATTRIBUTES if k in attributes}  # "" deletes it
         if not rename and not leaked:
             return
+        # the secret goes server side whenever the service can: whatever the token allows,
+        # RoomService removes it before the join is answered
+        if leaked and await self._update_through_livekit(me.identity, rename, leaked):
+            return
         if self._token is None or _may_update_itself(self._token):
             await self._update_itself(me, rename, leaked)
-        elif not await self._update_through_livekit(me.identity, rename, leaked):
+        elif not leaked and await self._update_through_livekit(me.identity, rename, leaked):
+            return
+        else:
             if rename:
                 self._warn(
                     f"could not set the display name {rename!r}: the room token has no "
@@ -174,17 +197,24 @@ class AvatarWorker:
     async def _update_through_livekit(
         self, identity: str, rename: str | None, leaked: dict[str, str]
     ) -> bool:
-        """RoomService.UpdateParticipant with the service's credentials; False without them."""
-        key, secret = env_or(None, "LIVEKIT_API_KEY"), env_or(None, "LIVEKIT_API_SECRET")
+        """RoomService.UpdateParticipant with the service's credentials; False without them.
+
+        Only on the service's own server (``LIVEKIT_URL``): a token signed with its key is
+        never sent to a room URL a client named."""
+        url, key = env_or(None, "LIVEKIT_URL"), env_or(None, "LIVEKIT_API_KEY")
+        secret = env_or(None, "LIVEKIT_API_SECRET")
         room_name = token_room(self._token or "")
-        if not (key and secret and self._room_url and room_name):
+        if not (url and key and secret and self._room_url and room_name):
+            return False
+        if not same_server(url, self._room_url):
+            logger.info("avatar %s: the room is not on LIVEKIT_URL's server", self.agent_id)
             return False
         from livekit import api
 
         request = api.UpdateParticipantRequest(room=room_name, identity=identity, attributes=leaked)
         if rename:
             request.name = rename
-        lkapi = api.LiveKitAPI(self._room_url, key, secret)
+        lkapi = api.LiveKitAPI(http_url(url), key, secret)
         try:
             await lkapi.room.update_participant(request)
         except Exception as err:
@@ -233,7 +263,13 @@ class AvatarWorker:
             return MicrophoneAudioReceiver(self.room, self.listen_to, sample_rate=sample_rate)
         from livekit.agents.voice.avatar import DataStreamAudioReceiver
 
-        return DataStreamAudioReceiver(self.room)
+        if self.serves is None:
+            logger.info(
+                "avatar %s has no lk.publish_on_behalf attribute: it renders the first agent "
+                "participant's audio",
+                self.agent_id,
+            )
+        return DataStreamAudioReceiver(self.room, sender_identity=self.serves)
 
     async def _run(self) -> None:
         assert self._runner is not None
@@ -256,8 +292,36 @@ class AvatarWorker:
             asyncio.get_running_loop().create_task(self.stop())
 
     async def _on_trigger(self, data: rtc.RpcInvocationData) -> str:
-        """bitHuman's cloud dynamics RPC, answered in its documented shape."""
+        """bitHuman's cloud dynamics RPC, answered in its documented shape, for the
+        participant it serves and the allowed identities; an RPC error for anyone else."""
+        caller = data.caller_identity
+        if not self.may_drive(caller):
+            if caller not in self._refused:  # one warning per intruder, not one per call
+                self._refused.add(caller)
+                logger.warning(
+                    "avatar %s refused %s from %r: it serves %r (allowed besides: %s)",
+                    self.agent_id,
+                    RPC_TRIGGER_DYNAMICS,
+                    caller,
+                    self.serves or "the room's agents",
+                    ", ".join(sorted(self.allowed)) or "nobody",
+                )
+            raise rtc.RpcError(
+                RPC_NOT_ALLOWED,
+                "only the agent this avatar serves, and identities its operator allows, may "
+                "trigger its gestures",
+            )
         return await handle(data.payload, self._push if self.runtime is not None else None)
+
+    def may_drive(self, identity: str) -> bool:
+        """May ``identity`` trigger gestures? The participant it serves and the allowed
+        identities; with no one to serve, agent participants only (never an app's user)."""
+        if identity in self.allowed or (self.serves is not None and identity == self.serves):
+            return True
+        if self.serves is not None or self.room is None:
+            return False
+        caller = self.room.remote_participants.get(identity)
+        return getattr(caller, "kind", None) == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
     async def _push(self, action: str, force: bool) -> None:
         from bithuman import VideoControl
@@ -291,6 +355,14 @@ class AvatarWorker:
             await room.disconnect()
         if not self.stopped.done():
             self.stopped.set_result(None)
+
+
+def _on_behalf_of(me: Any) -> str | None:
+    """The agent named in its own ``lk.publish_on_behalf`` attribute (from its token)."""
+    from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+
+    value = (getattr(me, "attributes", None) or {}).get(ATTRIBUTE_PUBLISH_ON_BEHALF)
+    return value if isinstance(value, str) and value else None
 
 
 def _may_update_itself(token: str) -> bool:

@@ -11,7 +11,8 @@ A job's metadata, JSON::
     {"agent_id": "A91XMB7113" | "demo", "model": "expression-2",
      "participant_identity": "bithuman-avatar-agent", "participant_name": "BitHuman Agent",
      "publish_on_behalf": "<the agent it renders for>",   # its speech comes as DataStream audio
-     "listen_to": "<a participant>"}                      # or: follow that microphone
+     "listen_to": "<a participant>",                      # or: follow that microphone
+     "allow_gestures_from": ["<identity>", ...]}          # who else may trigger gestures
 
 The RPC: in bitHuman's cloud the avatar is a participant of its own, and agent code plays a
 gesture with ``perform_rpc(destination_identity=avatar.avatar_identity,
@@ -23,7 +24,7 @@ rendered in the agent's own process answers it there: ``backends.local``.)
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,6 +40,9 @@ _TEXT_LIMIT = 256
 
 #: bitHuman's cloud dynamics RPC, answered by the avatar participant
 RPC_TRIGGER_DYNAMICS = "trigger_dynamics"
+#: the RPC error code for a caller that may not drive the avatar (LiveKit keeps 1001-1999)
+RPC_NOT_ALLOWED = 403
+_MAX_ALLOWED = 32
 #: the ``service`` field of the answer
 SERVICE_NAME = "avatarhub"
 
@@ -52,6 +56,28 @@ def agent_name(value: Any = None) -> str:
     return env_or(value, "AVATARHUB_AGENT_NAME") or DEFAULT_AGENT_NAME
 
 
+def _identity(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value.strip()) <= _TEXT_LIMIT
+
+
+def gesture_callers(given: Iterable[str] = ()) -> frozenset[str]:
+    """Identities besides the served participant that may trigger an avatar's gestures:
+    ``given`` and ``AVATARHUB_ALLOW_GESTURES_FROM`` (comma-separated), together."""
+    names = [*given, *(env_or(None, "AVATARHUB_ALLOW_GESTURES_FROM") or "").split(",")]
+    return frozenset(n.strip() for n in names if n and n.strip())
+
+
+def allow_gestures_from(values: Iterable[str]) -> None:
+    """Add ``--allow-gestures-from`` identities (each may be comma-separated) to
+    ``AVATARHUB_ALLOW_GESTURES_FROM``, which every avatar reads: in this process and in the job
+    processes it starts."""
+    import os
+
+    given = [v for value in values for v in value.split(",")]
+    if given:
+        os.environ["AVATARHUB_ALLOW_GESTURES_FROM"] = ",".join(sorted(gesture_callers(given)))
+
+
 @dataclass(frozen=True)
 class AvatarJob:
     """What one dispatched avatar renders, for whom, and as whom."""
@@ -62,6 +88,8 @@ class AvatarJob:
     participant_name: str | None = None
     publish_on_behalf: str | None = None
     listen_to: str | None = None
+    #: identities besides the served one that may trigger gestures
+    allow_gestures_from: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, metadata: str | None) -> AvatarJob:
@@ -85,8 +113,22 @@ class AvatarJob:
         except ValueError as err:
             raise ConfigurationError(f"the avatar job's agent_id: {err}") from None
         fields: dict[str, Any] = {"agent_id": agent_id}
+        allowed = raw.get("allow_gestures_from")
+        if allowed is not None:
+            if (
+                not isinstance(allowed, list)
+                or len(allowed) > _MAX_ALLOWED
+                or not all(
+                    isinstance(a, str) and 0 < len(a.strip()) <= _TEXT_LIMIT for a in allowed
+                )
+            ):
+                raise ConfigurationError(
+                    f"allow_gestures_from in the avatar job must be a list of at most "
+                    f"{_MAX_ALLOWED} participant identities"
+                )
+            fields["allow_gestures_from"] = tuple(allowed)
         for name in cls.__dataclass_fields__:
-            if name == "agent_id" or raw.get(name) is None:
+            if name in ("agent_id", "allow_gestures_from") or raw.get(name) is None:
                 continue
             value = raw[name]
             if not isinstance(value, str) or not value.strip() or len(value) > _TEXT_LIMIT:
@@ -104,7 +146,7 @@ class AvatarJob:
         return cls(**fields)
 
     def to_metadata(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
+        return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, ())})
 
     def participant_attributes(self) -> dict[str, str]:
         if not self.publish_on_behalf:

@@ -18,6 +18,21 @@ def http_url(url: str) -> str:
     return "http" + url[2:] if url.startswith("ws") else url
 
 
+def same_server(a: str, b: str) -> bool:
+    """Do two LiveKit URLs (``ws``/``wss``/``http``/``https``) name the same host and port?"""
+    from urllib.parse import urlsplit
+
+    def where(url: str) -> tuple[str, int]:
+        parts = urlsplit(http_url(url.strip()))
+        default = 443 if parts.scheme == "https" else 80
+        return (parts.hostname or "").lower(), parts.port or default
+
+    try:
+        return where(a) == where(b)
+    except ValueError:  # a port that is not a number
+        return False
+
+
 async def check_livekit_keys(url: str, key: str, secret: str, *, timeout: float = 5.0) -> None:
     """One ``RoomService.ListRooms``; raises what :func:`livekit_refusal` makes of a failure."""
     from livekit import api

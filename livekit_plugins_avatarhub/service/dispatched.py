@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from ..remote.dispatcher import AvatarDispatcher
-from ..remote.protocol import AvatarJob
+from ..remote.protocol import AvatarJob, gesture_callers
 from ..remote.tokens import token_claims
 from .manager import WorkerInfo
 
@@ -58,6 +58,7 @@ class DispatchManager:
             participant_name=participant_name or claims.get("name") or None,
             publish_on_behalf=behalf if isinstance(behalf, str) and not listen_to else None,
             listen_to=listen_to,
+            allow_gestures_from=tuple(sorted(gesture_callers())),  # serve's, for the worker
         )
         dispatch_id, created = await self.dispatcher.ensure(room, job)
         info = WorkerInfo(
