@@ -472,3 +472,46 @@ async def test_worker_lip_syncs_to_a_participants_microphone():
         assert loud > 8000, "the avatar played the user's speech back in sync with its lips"
     finally:
         await w.stop()
+
+
+async def test_a_failed_join_frees_its_avatar_at_once_not_at_the_next_gc():
+    """A join whose room never connects leaves nothing behind for the garbage collector: the
+    avatar it loaded (frame buffers of megabytes) is gone when the answer is."""
+    import gc
+    import weakref
+
+    from livekit_plugins_avatarhub.remote.participant import AvatarWorker
+    from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
+    from livekit_plugins_avatarhub.rendering.loader import OpenedAvatar
+    from livekit_plugins_avatarhub.service.manager import WorkerManager
+
+    loaded: list[weakref.ref] = []
+
+    async def opener(agent_id, model):
+        runtime = await DemoRuntime.create(output_size=(160, 120))
+        loaded.append(weakref.ref(runtime))
+        return OpenedAvatar(runtime)
+
+    class Unreachable(FakeRoom):
+        async def connect(self, *args, **kwargs):
+            raise ConnectionError("engine: signal failure: connection refused")
+
+    manager = WorkerManager(
+        lambda **kw: AvatarWorker(opener=opener, room_factory=Unreachable, **kw), max_workers=1
+    )
+    gc.collect()
+    gc.disable()
+    try:
+        for room in ("r1", "r2", "r3"):
+            with pytest.raises(ConnectionError):
+                await manager.join(
+                    agent_id="demo",
+                    room=room,
+                    participant_id="p",
+                    room_url="wss://lk",
+                    token=room_token(room),
+                )
+        assert len(loaded) == 3 and [ref() for ref in loaded] == [None, None, None]
+    finally:
+        gc.enable()
+    assert [w.status for w in manager.workers()] == ["failed"] * 3  # still reported

@@ -347,6 +347,7 @@ class AvatarWorker:
         opened, self._opened = self._opened, None
         if opened is not None:
             await opened.aclose()
+        self._generator = None  # its frame buffers go now, whoever still holds the worker
         room, self.room = self.room, None
         if room is not None:
             room.off("disconnected", self._on_disconnected)

@@ -69,6 +69,20 @@ class _Start:
     cancelled: bool = False
 
 
+def _detached(err: BaseException) -> BaseException:
+    """``err`` for the joins waiting on the same start, without its traceback: the traceback
+    holds the failed worker's frames (its avatar, its frame buffers) in a reference cycle
+    through this future, which only a full garbage collection would free, so a service whose
+    joins keep failing grew by hundreds of MB between collections."""
+    try:
+        copy = type(err).__new__(type(err))
+        copy.__dict__.update(err.__dict__)
+        copy.args = err.args
+    except Exception:  # an exception type that cannot be rebuilt: say what it said
+        return RuntimeError(f"{type(err).__name__}: {err}")
+    return copy
+
+
 class AvatarManager(Protocol):
     """What the HTTP API needs: in-process workers (``WorkerManager``) or LiveKit's dispatch
     (``DispatchManager``)."""
@@ -190,7 +204,9 @@ class WorkerManager:
             else:
                 logger.error("avatar %s could not join room %s: %s", *key, info.error)
                 self._forget_old_failures()
-            start.done.set_exception(err if not cancelled else CapacityError("shutting down"))
+            start.done.set_exception(
+                _detached(err) if not cancelled else CapacityError("shutting down")
+            )
             raise
         if start.cancelled:  # a leave arrived while it was connecting: it goes now
             logger.info("avatar %s left room %s right after joining (leave-room)", *key)
