@@ -7,8 +7,9 @@ the Flutter join-room request ``--cycles`` times. With ``--livekit dead`` (the d
 join names a LiveKit URL nobody listens on, so each one loads the avatar, fails to connect and
 answers 502; with a real server's URL (``ws://127.0.0.1:7880`` with ``LIVEKIT_API_KEY`` /
 ``LIVEKIT_API_SECRET`` set) each join connects and is then left. Every ``--every`` cycles it
-prints the service's RSS, open fds and threads; the baseline is the first line, after a warm-up
-of ``--every`` cycles, and each later line gives the change against it.
+prints the service's RSS, open fds and threads (after ``--settle`` seconds); the baseline is
+the first line, after a warm-up of ``--every`` cycles, and each later line gives the change
+against it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=500)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--livekit", default="dead")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait before each measurement (LiveKit's native teardown of a left "
+        "room finishes a few seconds after the leave answers)",
+    )
     args = parser.parse_args()
     dead = args.livekit == "dead"
     url = f"ws://127.0.0.1:{free_port()}" if dead else args.livekit
@@ -80,6 +88,7 @@ def main() -> None:
             if r.status_code == 200:
                 client.post("/v1/agents/demo/leave-room", json={"room_name": room})
             if cycle % args.every == 0:
+                time.sleep(args.settle)
                 rss = proc.memory_info().rss / 2**20
                 fds, threads = proc.num_fds(), proc.num_threads()
                 if baseline is None:
@@ -95,7 +104,7 @@ def main() -> None:
                         f"{threads} threads ({threads - baseline[2]:+d})",
                         flush=True,
                     )
-        took = time.monotonic() - started
+        took = time.monotonic() - started - args.settle * (args.cycles // args.every + 1)
         print(f"answers: {answers}; {took / (args.cycles + args.every) * 1000:.0f} ms per cycle")
     finally:
         client.close()

@@ -360,6 +360,7 @@ class FakeLocalParticipant:
     sid: str = "PA_agenttest0001"
     #: what the token's grant allows (LiveKit refuses set_name/set_attributes without it)
     can_update_own_metadata: bool = True
+    unpublished: list[str] = field(default_factory=list)
 
     async def set_name(self, name: str) -> None:
         self._check_metadata_grant()
@@ -422,6 +423,11 @@ class FakeLocalParticipant:
             )
         )
         return await result if asyncio.iscoroutine(result) else result
+
+    async def unpublish_track(self, sid: str) -> None:
+        pub = self.track_publications.pop(sid)
+        self.unpublished.append(sid)
+        self.room.emit("local_track_unpublished", pub)
 
     async def publish_track(self, track: Any, options: Any = None) -> FakePublication:
         if options is not None and not options.IsInitialized():
@@ -518,6 +524,7 @@ class FakeRoom(rtc.EventEmitter[str]):
         self.byte_stream_handlers: dict[str, Any] = {}
         self.rpc_calls: list[tuple[str, str, str]] = []
         self.connected_with: tuple[str, str] | None = None
+        self.left_with: list[str] | None = None  # publications still up at disconnect()
         self.sfu = sfu
         self._connected = connected
         if sfu is not None and connected:
@@ -555,6 +562,7 @@ class FakeRoom(rtc.EventEmitter[str]):
     async def disconnect(self) -> None:
         if self._connected:
             self._connected = False
+            self.left_with = list(self.local_participant.track_publications)
             if self.sfu is not None:
                 self.sfu.leave(self)
             self.emit("disconnected", "CLIENT_INITIATED")

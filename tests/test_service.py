@@ -515,3 +515,15 @@ async def test_a_failed_join_frees_its_avatar_at_once_not_at_the_next_gc():
     finally:
         gc.enable()
     assert [w.status for w in manager.workers()] == ["failed"] * 3  # still reported
+
+
+async def test_an_avatar_unpublishes_its_tracks_before_it_leaves(worker):
+    """LiveKit's native side keeps ~0.8 MB per room left with tracks still published
+    (bench/soak_service.py); the avatar takes its tracks down first."""
+    w, room = worker
+    await room.wait_published(rtc.TrackKind.KIND_VIDEO)
+    published = list(room.local_participant.track_publications)
+    assert published
+    await w.stop()
+    assert sorted(room.local_participant.unpublished) == sorted(published)
+    assert room.left_with == []

@@ -20,7 +20,7 @@ from ..log import logger
 from ..remote.protocol import RPC_TRIGGER_DYNAMICS, Push, handle
 from ..rendering.generator import RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar, open_source
-from ..rendering.publish import VideoPublishOptions, avatar_runner
+from ..rendering.publish import VideoPublishOptions, avatar_runner, close_runner
 from ..rendering.runtime import AvatarRuntime, renew_for_job
 from ..rendering.source import AvatarSource
 from .base import Attach, LiveKitKeys
@@ -135,7 +135,7 @@ class LocalBackend:
             stop_answering()
         if self._runner is not None:
             runner, self._runner = self._runner, None
-            await runner.aclose()
+            await close_runner(runner)
             # a reply cut off by the close must still end for the AgentSession
             position = float(getattr(runner, "_playback_position", 0.0) or 0.0)
             _compat.finish_interrupted_playback(self._audio_sink, position)

@@ -36,7 +36,7 @@ from ..config import env_or
 from ..log import logger
 from ..rendering.generator import FrameStats, RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar
-from ..rendering.publish import VideoPublishOptions, avatar_runner
+from ..rendering.publish import VideoPublishOptions, avatar_runner, close_runner, unpublish_all
 from ..rendering.runtime import AvatarRuntime
 from .protocol import RPC_NOT_ALLOWED, RPC_TRIGGER_DYNAMICS, gesture_callers, handle
 from .server_api import http_url, same_server
@@ -342,8 +342,8 @@ class AvatarWorker:
         if idle is not None and idle is not asyncio.current_task():
             idle.cancel()
         runner, self._runner = self._runner, None
-        if runner is not None and getattr(runner, "_read_audio_atask", None) is not None:
-            await runner.aclose()  # AvatarRunner.aclose() before start() raises
+        if runner is not None:
+            await close_runner(runner)
         opened, self._opened = self._opened, None
         if opened is not None:
             await opened.aclose()
@@ -353,6 +353,7 @@ class AvatarWorker:
             room.off("disconnected", self._on_disconnected)
             room.off("reconnecting", self._on_reconnecting)
             room.off("reconnected", self._on_reconnected)
+            await unpublish_all(room)
             await room.disconnect()
         if not self.stopped.done():
             self.stopped.set_result(None)

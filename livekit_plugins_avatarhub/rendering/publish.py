@@ -8,10 +8,13 @@ applies these options: no patching of LiveKit, and it works with every AvatarRun
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from livekit import rtc
+
+from ..log import logger
 
 VideoCodecName = Literal["h264", "vp8", "vp9", "av1", "h265"]
 
@@ -121,3 +124,56 @@ def avatar_runner(
     return AvatarRunner(
         cast(rtc.Room, publishing), audio_recv=receiver, video_gen=generator, options=options
     )
+
+
+async def close_runner(runner: Any) -> None:
+    """Close an AvatarRunner, started or not.
+
+    ``AvatarRunner.aclose()`` before ``start()`` returned raises, and a runner's start waits
+    until someone subscribes to its tracks; an avatar left before that (a join/leave with no
+    viewer yet) used to keep its synchroniser task, its native audio and video sources and its
+    audio receiver forever, about a megabyte per avatar. So close what its constructor opened.
+    """
+    await _unpublish(runner)
+    if getattr(runner, "_read_audio_atask", None) is not None:
+        await runner.aclose()
+        return
+    parts = ("_audio_recv", "_av_sync", "_audio_source", "_video_source")
+    for part in (getattr(runner, name, None) for name in parts):
+        if part is None:
+            continue
+        try:
+            await part.aclose()
+        except Exception as err:  # a part that never started may refuse: nothing to free
+            logger.debug("closing an avatar runner that never started: %s", err)
+
+
+async def _unpublish(runner: Any, timeout: float = 5.0) -> None:
+    """Take the runner's own tracks out of the room (an agent's room stays, and so would a
+    frozen avatar track in it); see :func:`unpublish_all` for what leaving them costs."""
+    room = getattr(runner, "_room", None)
+    participant: Any = getattr(room, "local_participant", None)
+    for name in ("_video_publication", "_audio_publication"):
+        publication = getattr(runner, name, None)
+        if publication is None or participant is None:
+            continue
+        try:
+            await asyncio.wait_for(participant.unpublish_track(publication.sid), timeout)
+        except Exception as err:  # already gone, or the connection is
+            logger.debug("unpublishing the avatar's track: %s", err)
+
+
+async def unpublish_all(room: Any, timeout: float = 5.0) -> None:
+    """Unpublish every track of ours before leaving a room.
+
+    Measured with livekit 1.1.21 (``bench/soak_service.py``): a room disconnected with its
+    audio and video still published keeps about 0.8 MB of native memory for good, per room;
+    unpublished first, nothing. A service that hosts avatar after avatar paid it every time.
+    """
+    participant: Any = getattr(room, "local_participant", None)
+    publications = getattr(participant, "track_publications", None) or {}
+    for sid in list(publications):
+        try:
+            await asyncio.wait_for(participant.unpublish_track(sid), timeout)
+        except Exception as err:  # already gone, or the connection is: nothing more to free
+            logger.debug("unpublishing %s: %s", sid, err)
