@@ -151,8 +151,7 @@ async def close_runner(runner: Any) -> None:
 async def _unpublish(runner: Any, timeout: float = 5.0) -> None:
     """Take the runner's own tracks out of the room (an agent's room stays, and so would a
     frozen avatar track in it); see :func:`unpublish_all` for what leaving them costs."""
-    room = getattr(runner, "_room", None)
-    participant: Any = getattr(room, "local_participant", None)
+    participant = _local_participant(getattr(runner, "_room", None))
     for name in ("_video_publication", "_audio_publication"):
         publication = getattr(runner, name, None)
         if publication is None or participant is None:
@@ -170,10 +169,18 @@ async def unpublish_all(room: Any, timeout: float = 5.0) -> None:
     audio and video still published keeps about 0.8 MB of native memory for good, per room;
     unpublished first, nothing. A service that hosts avatar after avatar paid it every time.
     """
-    participant: Any = getattr(room, "local_participant", None)
+    participant = _local_participant(room)
     publications = getattr(participant, "track_publications", None) or {}
     for sid in list(publications):
         try:
             await asyncio.wait_for(participant.unpublish_track(sid), timeout)
         except Exception as err:  # already gone, or the connection is: nothing more to free
             logger.debug("unpublishing %s: %s", sid, err)
+
+
+def _local_participant(room: Any) -> Any:
+    """The room's local participant, or None: an rtc.Room that never connected raises."""
+    try:
+        return room.local_participant if room is not None else None
+    except Exception:
+        return None
