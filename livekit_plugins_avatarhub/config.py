@@ -118,16 +118,26 @@ def service_key(value: Any = None) -> str | None:
     return env_or(value, "AVATARHUB_SERVICE_KEY")
 
 
-def livekit_credentials(
-    url: str | None, key: str | None, secret: str | None, *, needed_for: str
-) -> tuple[str, str, str]:
-    """LiveKit's URL, API key and secret: arguments, then ``LIVEKIT_*``; all three required."""
-    values = (
+LIVEKIT_VARIABLES = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+
+
+def livekit_settings(
+    url: str | None = None, key: str | None = None, secret: str | None = None
+) -> tuple[str | None, str | None, str | None]:
+    """LiveKit's URL, API key and secret: arguments, then ``LIVEKIT_*``; any may be missing."""
+    return (
         env_or(url, "LIVEKIT_URL"),
         env_or(key, "LIVEKIT_API_KEY"),
         env_or(secret, "LIVEKIT_API_SECRET"),
     )
-    names = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+
+
+def livekit_credentials(
+    url: str | None, key: str | None, secret: str | None, *, needed_for: str
+) -> tuple[str, str, str]:
+    """LiveKit's URL, API key and secret: arguments, then ``LIVEKIT_*``; all three required."""
+    values = livekit_settings(url, key, secret)
+    names = LIVEKIT_VARIABLES
     missing = [name for name, v in zip(names, values, strict=True) if not v]
     if missing:
         raise ConfigurationError(

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .config import bithuman_secret, env_or
+from .config import bithuman_secret, livekit_settings
 from .exceptions import AvatarHubError
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -159,8 +159,7 @@ def model_cache() -> list[Finding]:
 async def livekit_server() -> Finding:
     from .remote.server_api import check_livekit_keys
 
-    url, key = env_or(None, "LIVEKIT_URL"), env_or(None, "LIVEKIT_API_KEY")
-    secret = env_or(None, "LIVEKIT_API_SECRET")
+    url, key, secret = livekit_settings()
     if not url:
         return Finding("server", SKIP, "LIVEKIT_URL is not set", "set it to check your server")
     if not (key and secret):

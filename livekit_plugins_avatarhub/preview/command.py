@@ -19,6 +19,7 @@ import webbrowser
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import livekit_settings
 from ..exceptions import AvatarHubError, ConfigurationError, MissingSecretError
 from ..log import logger
 from ..remote.server_api import check_livekit_keys
@@ -78,13 +79,9 @@ def bind_page_port(port: int) -> socket.socket:
     return sock
 
 
-async def open_livekit(env: dict[str, str | None], binary: str | None) -> LiveKitTarget:
+async def open_livekit(binary: str | None) -> LiveKitTarget:
     """The configured LiveKit (its keys checked), else a local server, else how to get one."""
-    url, key, secret = (
-        env.get("LIVEKIT_URL"),
-        env.get("LIVEKIT_API_KEY"),
-        env.get("LIVEKIT_API_SECRET"),
-    )
+    url, key, secret = livekit_settings()
     if url:
         if not (key and secret):
             raise ConfigurationError(
@@ -111,9 +108,7 @@ async def run_preview(
     livekit_client: str | None = None,
     model: str | None = None,
     api_secret: str | None = None,
-    env: dict[str, str | None] | None = None,
 ) -> int:
-    import os
 
     from aiohttp import web
 
@@ -140,7 +135,7 @@ async def run_preview(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        target = await open_livekit(env if env is not None else dict(os.environ), livekit_server)
+        target = await open_livekit(livekit_server)
         if target.local is not None:
             started.append(lambda: asyncio.to_thread(target.local.stop))  # type: ignore[union-attr]
         room = f"avatarhub-preview-{secrets.token_hex(3)}"

@@ -32,7 +32,7 @@ from livekit.agents.voice.avatar import AudioReceiver, AvatarRunner
 
 from livekit import rtc
 
-from ..config import env_or
+from ..config import livekit_settings
 from ..log import logger
 from ..rendering.generator import FrameStats, RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar
@@ -159,21 +159,21 @@ class AvatarWorker:
             return
         if self._token is None or _may_update_itself(self._token):
             await self._update_itself(me, rename, leaked)
-        elif not leaked and await self._update_through_livekit(me.identity, rename, leaked):
             return
-        else:
-            if rename:
-                self._warn(
-                    f"could not set the display name {rename!r}: the room token has no "
-                    "canUpdateOwnMetadata grant and the service no LiveKit credentials "
-                    "(LIVEKIT_API_KEY / LIVEKIT_API_SECRET); give the room token the name"
-                )
-            if leaked:
-                self._warn(
-                    "the room token carries an api_secret attribute that every participant can "
-                    "read, and it could not be removed; give the service LiveKit credentials, "
-                    "or grant canUpdateOwnMetadata"
-                )
+        if not leaked and await self._update_through_livekit(me.identity, rename, leaked):
+            return
+        if rename:
+            self._warn(
+                f"could not set the display name {rename!r}: the room token has no "
+                "canUpdateOwnMetadata grant and the service no LiveKit credentials "
+                "(LIVEKIT_API_KEY / LIVEKIT_API_SECRET); give the room token the name"
+            )
+        if leaked:
+            self._warn(
+                "the room token carries an api_secret attribute that every participant can "
+                "read, and it could not be removed; give the service LiveKit credentials, "
+                "or grant canUpdateOwnMetadata"
+            )
 
     async def _update_itself(self, me: Any, rename: str | None, leaked: dict[str, str]) -> None:
         if rename:
@@ -201,8 +201,7 @@ class AvatarWorker:
 
         Only on the service's own server (``LIVEKIT_URL``): a token signed with its key is
         never sent to a room URL a client named."""
-        url, key = env_or(None, "LIVEKIT_URL"), env_or(None, "LIVEKIT_API_KEY")
-        secret = env_or(None, "LIVEKIT_API_SECRET")
+        url, key, secret = livekit_settings()
         room_name = token_room(self._token or "")
         if not (url and key and secret and self._room_url and room_name):
             return False

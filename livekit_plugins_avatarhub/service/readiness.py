@@ -22,11 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import env_or
+from ..config import LIVEKIT_VARIABLES, livekit_settings
 
 #: seconds a LiveKit answer is reused
 LIVEKIT_CHECK_TTL = 10.0
-_LIVEKIT_VARIABLES = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Readiness:
             check = await _livekit_answers()
             if check is None:
                 check = (
-                    Check(False, f"--dispatch needs {', '.join(_LIVEKIT_VARIABLES)}")
+                    Check(False, f"--dispatch needs {', '.join(LIVEKIT_VARIABLES)}")
                     if self._dispatch
                     else Check(True, "no LiveKit credentials: each join brings its room token")
                 )
@@ -96,8 +95,7 @@ async def _livekit_answers() -> Check | None:
     """None without credentials; else whether ListRooms works with them."""
     from ..remote.server_api import check_livekit_keys
 
-    url, key = env_or(None, "LIVEKIT_URL"), env_or(None, "LIVEKIT_API_KEY")
-    secret = env_or(None, "LIVEKIT_API_SECRET")
+    url, key, secret = livekit_settings()
     if not (url and key and secret):
         return None
     try:
