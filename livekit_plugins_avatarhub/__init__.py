@@ -48,6 +48,7 @@ from .gestures import GestureTrigger
 from .hub.resolver import AvatarResolver, CachedModelResolver, ModelHub, prefetch
 from .ids import DEMO_AVATAR_ID
 from .log import logger
+from .rendering.failover import AvatarState, AvatarStateChanged
 from .rendering.loader import OpenedAvatar, create_runtime, open_avatar
 from .rendering.publish import VideoPublishOptions
 from .rendering.runtime import AvatarRuntime
@@ -63,6 +64,8 @@ __all__ = [
     "AvatarResolver",
     "AvatarRuntime",
     "AvatarSession",
+    "AvatarState",
+    "AvatarStateChanged",
     "BithumanAPI",
     "CachedModelResolver",
     "DemoRuntime",

@@ -31,6 +31,7 @@ from .exceptions import (
 from .ids import DEMO_AVATAR_ID
 from .log import logger
 from .remote.protocol import DEFAULT_IDENTITY, agent_name
+from .rendering.failover import AvatarState, AvatarStateChanged
 from .rendering.generator import RuntimeVideoGenerator
 from .rendering.loader import check_model_file
 from .rendering.publish import VideoPublishOptions
@@ -58,6 +59,9 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
     * ``output_size``: the rendered resolution, ``(width, height)``.
     * ``mode="participant"`` with ``service_url`` / ``service_key``: render in the avatar
       service instead, as a separate participant (like bitHuman's cloud).
+    * the conversation survives the avatar: if the runtime fails, the agent's speech goes on
+      as plain audio at once (the reply in progress included), the runtime is reopened, and
+      ``avatar_state_changed`` (:class:`AvatarStateChanged`) says so each time.
     * ``mode="dispatch"``: dispatch an avatar worker into the room through LiveKit (the
       agent's LiveKit credentials; workers run ``python -m livekit_plugins_avatarhub worker``).
     """
@@ -128,6 +132,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 timeout=max(conn_options.timeout, 30.0),
                 video_options=video_options or VideoPublishOptions(),
                 fallback_identity=identity,
+                on_state_changed=self._state_changed,
             )
         else:
             avatar = RemoteAvatar(
@@ -242,6 +247,16 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
     @property
     def provider(self) -> str:
         return "avatarhub"
+
+    @property
+    def avatar_state(self) -> AvatarState:
+        """``rendering``; or ``recovering`` / ``audio_only`` while the agent speaks without
+        its avatar (see ``avatar_state_changed``)."""
+        generator = self.video_generator
+        return generator.state if generator is not None else "rendering"
+
+    def _state_changed(self, event: AvatarStateChanged) -> None:
+        self.emit("avatar_state_changed", event)
 
     @property
     def runtime(self) -> AvatarRuntime:

@@ -107,8 +107,9 @@ def _is_hub_test(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that need no other version of livekit-agents or bithuman run in some envs only:
-    AVATARHUB_REAL_LIVEKIT=off leaves out the real-room tests, AVATARHUB_HUB_TESTS=off the
-    model hub's (tox.ini says which envs run them)."""
+    AVATARHUB_REAL_LIVEKIT=off leaves out the real-room tests, AVATARHUB_REAL_ONCE=off those
+    of them that no livekit-agents version changes, AVATARHUB_HUB_TESTS=off the model hub's
+    (tox.ini says which envs run them)."""
     import os
 
     for item in items:
@@ -117,6 +118,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     left_out = []
     if os.environ.get("AVATARHUB_REAL_LIVEKIT") == "off":
         left_out.append("livekit_real")
+    if os.environ.get("AVATARHUB_REAL_ONCE") == "off":
+        left_out.append("real_once")
     if os.environ.get("AVATARHUB_HUB_TESTS") == "off":
         left_out.append("hub")
     if not left_out:

@@ -13,6 +13,10 @@ Instead of an LLM the session says the bundled sample ``AVATARHUB_TEST_SAYS`` ti
 ``AVATARHUB_TEST_PAUSE`` seconds of silence between, then plays a gesture with bitHuman's
 documented cloud call (``perform_rpc(destination_identity=avatar.avatar_identity,
 method="trigger_dynamics", ...)``) and prints what each step returned.
+
+``AVATARHUB_TEST_BREAK_RUNTIME=S`` breaks the avatar's runtime S seconds into the first reply
+(every frame it renders raises from then on), as a crashing engine would; each
+``avatar_state_changed`` the session emits is printed.
 """
 
 from __future__ import annotations
@@ -67,6 +71,17 @@ async def speech(rate: int = 16000) -> AsyncIterator[rtc.AudioFrame]:
         await asyncio.sleep(max(0.0, due - loop.time()))
 
 
+async def break_runtime(avatar: Any) -> None:
+    await asyncio.sleep(float(os.environ["AVATARHUB_TEST_BREAK_RUNTIME"]))
+    runtime = avatar.runtime
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("the engine crashed")
+
+    runtime.render = broken
+    say("runtime broken")
+
+
 def say(line: str) -> None:
     print(f"{time.monotonic():.3f} {line}", flush=True)
 
@@ -91,10 +106,17 @@ class SpeakingSession(AgentSession):  # type: ignore[misc]
                 say("avatar joined")
             else:
                 say("avatar has no wait_for_join")
+        if hasattr(avatar, "avatar_state"):
+            avatar.on(
+                "avatar_state_changed",
+                lambda e: say(f"avatar {e.old_state} -> {e.new_state}: {e.reason}"),
+            )
         await asyncio.sleep(float(os.environ.get("AVATARHUB_TEST_DELAY", "2")))
         for n in range(says):
             say(f"speaking sample {n}")
             handle = self.say(f"sample {n}", audio=speech(), allow_interruptions=False)
+            if n == 0 and os.environ.get("AVATARHUB_TEST_BREAK_RUNTIME"):
+                self._breaking = asyncio.create_task(break_runtime(avatar))
             await handle.wait_for_playout()
             say(f"said sample {n}")
             await asyncio.sleep(pause)

@@ -22,6 +22,8 @@ PUBLIC = {
     "AvatarHubError",
     "AvatarNotFoundError",
     "AvatarResolver",
+    "AvatarState",
+    "AvatarStateChanged",
     "AvatarRuntime",
     "AvatarSession",
     "CacheError",

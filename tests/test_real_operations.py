@@ -11,7 +11,7 @@ import pytest
 
 from livekit_real import clean_env
 
-pytestmark = pytest.mark.livekit_real
+pytestmark = [pytest.mark.livekit_real, pytest.mark.real_once]
 
 WRONG = "not-the-secret-of-this-server-0123456789"
 

@@ -33,7 +33,7 @@ from livekit_real import (
     mouth_openness,
 )
 
-pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
+pytestmark = [pytest.mark.livekit_real, pytest.mark.slow, pytest.mark.real_once]
 
 WEB = Path(__file__).resolve().parent / "web"
 LIVEKIT_CLIENT = WEB / "node_modules" / "livekit-client"

@@ -183,22 +183,53 @@ async def test_failures_are_reported_not_hidden(avatar_service):
     assert workers[0]["status"] == "failed" and "AvatarNotFoundError" in workers[0]["error"]
 
 
-async def test_a_worker_that_crashes_is_listed_as_failed(avatar_service):
+async def _workers_until(client, ready, tries: int = 200):
+    for _ in range(tries):
+        workers = (await client.get("/v1/workers")).json()["data"]
+        if workers and ready(workers[0]):
+            return workers[0]
+        await asyncio.sleep(0.05)
+    return workers[0]
+
+
+def _broken(state):
+    raise MemoryError("renderer out of memory")
+
+
+async def test_a_worker_whose_runtime_crashes_is_listed_as_recovering_then_renders_again(
+    avatar_service,
+):
     client, harness, _ = avatar_service
     await client.post("/v1/agents/demo/join-room", json=join_body())
-    runtime = harness.runtimes[0]
-
-    def broken(state):
-        raise MemoryError("renderer out of memory")
-
-    runtime.render = broken  # type: ignore[method-assign]
+    first = harness.runtimes[0]
+    first.render = _broken  # type: ignore[method-assign]
     harness.rooms[0].join("agent-1")
-    for _ in range(100):
-        workers = (await client.get("/v1/workers")).json()["data"]
-        if workers and workers[0]["status"] == "failed":
-            break
-        await asyncio.sleep(0.05)
-    assert workers[0]["status"] == "failed" and "renderer out of memory" in workers[0]["error"]
+    worker = await _workers_until(client, lambda w: w["avatar_state"] == "recovering")
+    assert worker["status"] == "connected" and worker["avatar_state"] == "recovering"
+    assert "renderer out of memory" in worker["error"]
+    worker = await _workers_until(client, lambda w: w["avatar_state"] == "rendering")
+    assert worker["avatar_state"] == "rendering" and worker["error"] is None
+    assert len(harness.runtimes) == 2 and harness.runtimes[1] is not first  # loaded again
+
+
+async def test_a_worker_whose_runtime_cannot_come_back_speaks_on_as_audio_only(avatar_service):
+    client, harness, _ = avatar_service
+    opened = harness.open
+
+    async def open_broken(agent_id, model):  # every runtime loaded again renders nothing
+        avatar = await opened(agent_id, model)
+        if len(harness.runtimes) > 1:
+            avatar.runtime.render = _broken  # type: ignore[method-assign]
+        return avatar
+
+    harness.open = open_broken  # type: ignore[method-assign]
+    await client.post("/v1/agents/demo/join-room", json=join_body())
+    harness.runtimes[0].render = _broken  # type: ignore[method-assign]
+    harness.rooms[0].join("agent-1")
+    worker = await _workers_until(client, lambda w: w["avatar_state"] == "audio_only", 300)
+    assert worker["status"] == "connected" and worker["avatar_state"] == "audio_only"
+    assert "3 attempts failed" in worker["error"]
+    assert len(harness.runtimes) == 4  # the first, then three attempts
 
 
 async def test_launch_request_of_the_cloud_plugin(avatar_service):

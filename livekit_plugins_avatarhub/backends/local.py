@@ -8,6 +8,7 @@ queue. LiveKit's server never delivers a participant's RPC to itself, so bitHuma
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from .._retry import RetryPolicy
 from ..exceptions import AvatarHubError
 from ..log import logger
 from ..remote.protocol import RPC_TRIGGER_DYNAMICS, Push, handle
+from ..rendering.failover import Failover, OnStateChanged
 from ..rendering.generator import RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar, open_source
 from ..rendering.publish import VideoPublishOptions, avatar_runner, close_runner
@@ -48,8 +50,10 @@ class LocalBackend:
         timeout: float,
         video_options: VideoPublishOptions,
         fallback_identity: str,
+        on_state_changed: OnStateChanged | None = None,
     ) -> None:
         self._source, self._runtime = source, runtime
+        self._given = runtime is not None  # the caller's: reused, never freed here
         self._resolver, self._retry, self._timeout = resolver, retry, timeout
         self._video_options = video_options
         self._fallback_identity = fallback_identity
@@ -58,6 +62,7 @@ class LocalBackend:
         self.generator: RuntimeVideoGenerator | None = None
         self._audio_sink: Any = None
         self._stop_answering: Callable[[], None] | None = None
+        self._on_state_changed = on_state_changed
 
     @property
     def runtime(self) -> AvatarRuntime | None:
@@ -72,8 +77,14 @@ class LocalBackend:
         return self._fallback_identity
 
     async def push(self, control: VideoControl) -> None:
-        if self._runtime is None:
+        if self._runtime is None and self.generator is None:
             raise AvatarHubError("the avatar runtime is not loaded yet; call start() first")
+        if self.generator is not None and self.generator.state != "rendering":
+            raise AvatarHubError(
+                f"the avatar is not rendering ({self.generator.state}): the agent speaks as "
+                "plain audio, and gestures wait until the avatar is back"
+            )
+        assert self._runtime is not None
         await self._runtime.push(control)
 
     async def _trigger(self, action: str, force: bool) -> None:
@@ -88,7 +99,8 @@ class LocalBackend:
         LiveKit credentials are not needed: the agent's own connection publishes."""
         try:
             runtime = await self._load_runtime()
-            generator = await RuntimeVideoGenerator.create(runtime, live=True)
+            failover = Failover(reopen=self._reopen, on_state_changed=self._on_state_changed)
+            generator = await RuntimeVideoGenerator.create(runtime, live=True, failover=failover)
         except BaseException:
             await self._release_runtime()
             raise
@@ -120,6 +132,27 @@ class LocalBackend:
         self._runtime = self._opened.runtime
         return self._runtime
 
+    async def _reopen(self) -> AvatarRuntime:
+        """A runtime to render with again after the last one failed: loaded afresh when it
+        was loaded here (the model is in the cache by now), else the caller's, interrupted."""
+        if self._source is None or self._given:
+            assert self._runtime is not None
+            self._runtime.interrupt()
+            return self._runtime
+        failed, self._opened = self._opened, None
+        if failed is not None:  # (None: the last attempt freed it, then failed to load)
+            try:
+                await failed.aclose()
+            except Exception as err:  # a broken runtime may fail to clean up: free the lease
+                failed.release()
+                logger.debug("freeing the failed runtime: %s", err)
+        self._opened = await open_source(
+            self._source, resolver=self._resolver, retry=self._retry, timeout=self._timeout
+        )
+        self._runtime = self._opened.runtime
+        await asyncio.to_thread(self._runtime.get_first_frame)  # renders, or raises here
+        return self._runtime
+
     async def _release_runtime(self) -> None:
         opened, self._opened = self._opened, None
         if opened is not None:  # loaded here: free the runtime and the model's lease
@@ -133,6 +166,8 @@ class LocalBackend:
         stop_answering, self._stop_answering = self._stop_answering, None
         if stop_answering is not None:
             stop_answering()
+        if self.generator is not None:
+            await self.generator.aclose()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await close_runner(runner)

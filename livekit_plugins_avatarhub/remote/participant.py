@@ -33,7 +33,9 @@ from livekit.agents.voice.avatar import AudioReceiver, AvatarRunner
 from livekit import rtc
 
 from ..config import livekit_settings
+from ..exceptions import AvatarHubError
 from ..log import logger
+from ..rendering.failover import AvatarState, AvatarStateChanged, Failover
 from ..rendering.generator import FrameStats, RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar
 from ..rendering.publish import VideoPublishOptions, avatar_runner, close_runner, unpublish_all
@@ -86,6 +88,9 @@ class AvatarWorker:
         self.participant_sid: str | None = None
         self.warnings: list[str] = []
         self.reconnecting = False
+        #: rendering, or the agent's speech goes on without the runtime (and why)
+        self.avatar_state: AvatarState = "rendering"
+        self.avatar_state_reason: str | None = None
         self._generator: RuntimeVideoGenerator | None = None
         self._idle: asyncio.Task[None] | None = None
         self._room_url = room_url
@@ -116,7 +121,10 @@ class AvatarWorker:
         """Load the avatar and join the room; raises if either fails (nothing is left running)."""
         try:
             self._opened = await self._opener(self.agent_id, self.model)
-            generator = await RuntimeVideoGenerator.create(self._opened.runtime, live=True)
+            failover = Failover(reopen=self._reopen, on_state_changed=self._on_avatar_state)
+            generator = await RuntimeVideoGenerator.create(
+                self._opened.runtime, live=True, failover=failover
+            )
             self._generator = generator
             self.room = self._room_factory()
             if self._token is not None:  # else the room came connected (a LiveKit job's)
@@ -136,6 +144,27 @@ class AvatarWorker:
         self._watch = asyncio.create_task(self._run(), name=f"avatar-{self.agent_id}")
         if self.idle_timeout > 0:
             self._idle = asyncio.create_task(self._leave_when_idle())
+
+    async def _reopen(self) -> AvatarRuntime:
+        """The runtime failed: free it and load the avatar again (from the model cache)."""
+        failed, self._opened = self._opened, None
+        if failed is not None:
+            try:
+                await failed.aclose()
+            except Exception as err:  # a broken runtime may fail to clean up
+                failed.release()
+                logger.debug("freeing the failed runtime of %s: %s", self.agent_id, err)
+        opened = await self._opener(self.agent_id, self.model)
+        if self._closing:
+            await opened.aclose()
+            raise asyncio.CancelledError
+        self._opened = opened
+        await asyncio.to_thread(opened.runtime.get_first_frame)  # renders, or raises here
+        return opened.runtime
+
+    def _on_avatar_state(self, event: AvatarStateChanged) -> None:
+        self.avatar_state = event.new_state
+        self.avatar_state_reason = None if event.new_state == "rendering" else event.reason
 
     async def _present_self(self) -> None:
         """Its LiveKit SID, the display name asked for, and no secret in its attributes.
@@ -325,7 +354,10 @@ class AvatarWorker:
     async def _push(self, action: str, force: bool) -> None:
         from bithuman import VideoControl
 
-        assert self.runtime is not None
+        if self.runtime is None or self.avatar_state != "rendering":
+            raise AvatarHubError(
+                f"the avatar is not rendering ({self.avatar_state}); gestures wait until it is back"
+            )
         await self.runtime.push(VideoControl(action=action, force_action=force))
 
     async def stop(self) -> None:
@@ -337,6 +369,8 @@ class AvatarWorker:
         await self._cleanup()
 
     async def _cleanup(self) -> None:
+        if self._generator is not None:
+            await self._generator.aclose()  # no runtime reopened from now on
         idle, self._idle = self._idle, None
         if idle is not None and idle is not asyncio.current_task():
             idle.cancel()

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..config import env_or
-from ..exceptions import ConfigurationError
+from ..exceptions import AvatarHubError, ConfigurationError
 from ..ids import check_avatar, check_model
 
 #: the LiveKit agent name avatar workers register under, unless AVATARHUB_AGENT_NAME says
@@ -189,5 +189,8 @@ async def handle(payload: str | None, push: Push | None) -> str:
         return answer(None, error='the payload must be {"action": "<name>"}')
     if push is None:
         return answer(action, error="the avatar is not running")
-    await push(action, bool(request.get("force")))
+    try:
+        await push(action, bool(request.get("force")))
+    except AvatarHubError as err:  # e.g. the runtime is down: said in the answer
+        return answer(action, error=str(err))
     return answer(action)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from livekit import rtc
 from .._compat import maybe_await
 from ..exceptions import RuntimeLoadError
 from ..log import logger
+from .failover import AvatarState, AvatarStateChanged, Failover, PendingAudio
 from .runtime import AvatarRuntime
 
 # LiveKit's AVSynchronizer queues up to fps * 100 ms frames; one more sits in its capture loop,
@@ -27,6 +28,8 @@ from .runtime import AvatarRuntime
 # after RING_SPARE further frames, long after LiveKit copied it out.
 RING_SPARE = 4
 SYNC_QUEUE_MS = 100
+# a reopened runtime that renders this long has recovered: a later failure starts afresh
+HEALTHY_SECONDS = 30.0
 
 
 def _bgr_to_rgb_converter() -> Any:
@@ -102,11 +105,19 @@ class RuntimeVideoGenerator(VideoGenerator):
     """Drives an ``AvatarRuntime``: audio in, synchronised video and audio frames out.
 
     Build it with :meth:`create`, which reads the resolution once (the runtime renders a frame
-    to answer) off the event loop.
+    to answer) off the event loop. Live, a runtime that fails does not end the stream: the
+    speech goes on as plain audio (see :mod:`.failover`).
     """
 
     def __init__(
-        self, runtime: AvatarRuntime, *, width: int, height: int, live: bool = False
+        self,
+        runtime: AvatarRuntime,
+        *,
+        width: int,
+        height: int,
+        live: bool = False,
+        failover: Failover | None = None,
+        still: np.ndarray | None = None,
     ) -> None:
         self._runtime = runtime
         self._live = live
@@ -116,21 +127,48 @@ class RuntimeVideoGenerator(VideoGenerator):
         ring = int(self._fps * SYNC_QUEUE_MS / 1000) + RING_SPARE
         self._convert = FrameConverter(width, height, ring)
         self.stats = FrameStats()
+        self._failover = failover or Failover()
+        self._still = still  # BGR: shown while the speech goes on without the runtime
+        self._pending = PendingAudio()
+        self._state: AvatarState = "rendering"
+        self._broken: str | None = None  # why the runtime is to be given up, once noticed
+        self._wake: asyncio.Queue[Any] | None = None  # the frame queue being waited on
+        self._replacement: AvatarRuntime | None = None
+        self._recovery: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._failed_at = 0.0
+        self._back_at: float | None = None  # when a reopened runtime last took over
+        self._attempts = 0  # to bring the runtime back, since it last rendered for a while
 
     @classmethod
-    async def create(cls, runtime: AvatarRuntime, *, live: bool = False) -> RuntimeVideoGenerator:
+    async def create(
+        cls, runtime: AvatarRuntime, *, live: bool = False, failover: Failover | None = None
+    ) -> RuntimeVideoGenerator:
         """``live=True`` for a consumer that paces frames by its own clock (LiveKit's
-        AvatarRunner); see :meth:`_stream` for what that changes."""
+        AvatarRunner); see :meth:`_render` for what that changes."""
         first = await asyncio.to_thread(runtime.get_first_frame)
         if first is None or getattr(first, "ndim", 0) != 3:
             raise RuntimeLoadError(
                 "the avatar runtime produced no first frame; is the model valid?"
             )
-        return cls(runtime, width=int(first.shape[1]), height=int(first.shape[0]), live=live)
+        return cls(
+            runtime,
+            width=int(first.shape[1]),
+            height=int(first.shape[0]),
+            live=live,
+            failover=failover,
+            still=first if live else None,
+        )
 
     @property
     def runtime(self) -> AvatarRuntime:
         return self._runtime
+
+    @property
+    def state(self) -> AvatarState:
+        """``rendering``, or the speech goes on without the runtime (``recovering``,
+        ``audio_only``)."""
+        return self._state
 
     @property
     def video_resolution(self) -> tuple[int, int]:
@@ -145,20 +183,214 @@ class RuntimeVideoGenerator(VideoGenerator):
         return self._sample_rate
 
     async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
+        live, rendering = self._live, self._state == "rendering"
         if isinstance(frame, AudioSegmentEnd):
-            await self._runtime.flush()
+            if live:
+                self._pending.end()
+            if rendering:
+                await self._to_runtime(self._runtime.flush())
             return
         self.last_audio_at = time.monotonic()  # the avatar service's inactivity rule reads it
-        await self._runtime.push_audio(frame.data.tobytes(), frame.sample_rate, last_chunk=False)
+        if live:
+            self._pending.add(frame)  # a reference: kept until the runtime plays it back
+        if rendering:
+            data = frame.data.tobytes()
+            await self._to_runtime(self._runtime.push_audio(data, frame.sample_rate, False))
+
+    async def _to_runtime(self, call: Awaitable[None]) -> None:
+        if not self._live:
+            await call
+            return
+        try:
+            await call
+        except Exception as err:  # the runtime is broken: the stream notices and goes on
+            self._give_up_runtime(f"the runtime raised {type(err).__name__}: {err}")
 
     def clear_buffer(self) -> None:
-        self._runtime.interrupt()
+        self._pending.clear()
+        if self._state == "rendering":
+            try:
+                self._runtime.interrupt()
+            except Exception as err:
+                if not self._live:
+                    raise
+                self._give_up_runtime(f"the runtime raised {type(err).__name__}: {err}")
 
     def __aiter__(self) -> AsyncIterator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd]:
-        return self._stream()
+        return self._stream() if self._live else self._render(self._runtime.run())
 
     async def _stream(
         self,
+    ) -> AsyncGenerator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd, None]:
+        """Live: the runtime's frames while it works, the speech alone while it does not."""
+        while not self._stopping:
+            if self._state == "rendering":
+                async for item in self._render(self._watched(self._runtime)):
+                    yield item
+                if self._stopping:
+                    return
+                self._fail(self._broken or "the runtime stopped producing frames")
+            async for item in self._speech_alone():
+                yield item
+
+    async def _watched(self, runtime: AvatarRuntime) -> AsyncGenerator[Any, None]:
+        """``runtime.run()``'s frames until it raises, ends, or stalls for ``stall_seconds``
+        (then :attr:`_broken` says why). A separate task reads the runtime so that a stall
+        can be noticed; a timer checks four times per stall window."""
+        loop = asyncio.get_running_loop()
+        frames: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        stall = self._failover.stall_seconds
+        asked_at: list[float | None] = [None]  # when the reader began waiting for a frame
+
+        async def read() -> None:
+            iterator = runtime.run().__aiter__()
+            try:
+                while True:
+                    asked_at[0] = time.monotonic()
+                    frame = await iterator.__anext__()
+                    asked_at[0] = None
+                    await frames.put(frame)
+            except StopAsyncIteration:
+                self._give_up_runtime("the runtime stopped producing frames")
+            except Exception as err:
+                self._give_up_runtime(f"the runtime raised {type(err).__name__}: {err}")
+
+        def check(due: float) -> None:
+            now = time.monotonic()
+            waiting = asked_at[0]
+            if now - due > stall / 4:  # the event loop itself was held: not the runtime's fault
+                if waiting is not None:
+                    asked_at[0] = now
+            elif waiting is not None and now - waiting > stall:
+                self._give_up_runtime(f"the runtime produced no frame for {now - waiting:.1f} s")
+                return
+            timer[0] = loop.call_later(stall / 4, check, now + stall / 4)
+
+        self._broken, self._wake = None, frames
+        reader = asyncio.create_task(read(), name="avatarhub-runtime-frames")
+        timer = [loop.call_later(stall / 4, check, time.monotonic() + stall / 4)]
+        try:
+            while self._broken is None and not self._stopping:
+                frame = await frames.get()
+                if frame is not _WAKE and self._broken is None:
+                    yield frame
+        finally:
+            timer[0].cancel()
+            self._wake = None
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    def _give_up_runtime(self, reason: str) -> None:
+        if self._broken is None and not self._stopping:
+            self._broken = reason
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """Wake the stream if it waits for a runtime frame that will not come."""
+        wake = self._wake
+        if wake is not None and wake.empty():
+            wake.put_nowait(_WAKE)
+
+    def _fail(self, reason: str) -> None:
+        self._failed_at = now = time.monotonic()
+        if self._back_at is None or now - self._back_at > HEALTHY_SECONDS:
+            self._attempts = 0  # a runtime that failed again at once used an attempt
+        new: AvatarState = "recovering" if self._failover.reopen is not None else "audio_only"
+        self._set_state(new, reason)
+        if self._failover.reopen is not None:
+            self._recovery = asyncio.create_task(self._recover(), name="avatarhub-recover")
+
+    def _set_state(self, new: AvatarState, reason: str) -> None:
+        old, self._state = self._state, new
+        if new == "rendering":
+            logger.info("the avatar renders again: %s", reason)
+        elif old == "rendering":
+            logger.warning(
+                "the avatar stopped rendering (%s); the agent's speech goes on as plain audio%s",
+                reason,
+                ", trying to bring the avatar back" if new == "recovering" else "",
+            )
+        else:
+            logger.error("the avatar could not be brought back (%s); audio only from now", reason)
+        callback = self._failover.on_state_changed
+        if callback is not None:
+            try:
+                callback(AvatarStateChanged(old, new, reason))
+            except Exception:
+                logger.exception("an avatar_state_changed handler failed")
+
+    async def _recover(self) -> None:
+        failover = self._failover
+        assert failover.reopen is not None
+        last = "the runtime failed again"
+        while self._attempts < failover.attempts:
+            attempt, self._attempts = self._attempts, self._attempts + 1
+            await asyncio.sleep(failover.delay(attempt))
+            try:
+                runtime = await failover.reopen()
+            except Exception as err:
+                last = f"{type(err).__name__}: {err}"
+                logger.warning("attempt %d to bring the avatar back failed: %s", attempt + 1, last)
+                continue
+            self._replacement = runtime
+            self._nudge()
+            return
+        self._set_state("audio_only", f"{failover.attempts} attempts failed, the last: {last}")
+
+    async def _speech_alone(
+        self,
+    ) -> AsyncGenerator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd, None]:
+        """What the runtime would have sent, without it: each frame period a still picture and
+        that period's share of the speech (the part the runtime did not play first). Paced like
+        a runtime, so LiveKit's synchroniser sees nothing unusual; until a reopened runtime can
+        take over between replies."""
+        pending, resample = self._pending, _Resamplers(self._sample_rate)
+        still = self._still_frame()
+        period = 1.0 / self._fps
+        loop = asyncio.get_running_loop()
+        due, budget = loop.time(), 0.0
+        while not self._stopping:
+            if still is not None:
+                yield still
+            budget = period + min(budget, 0.0)  # an unused share is not saved up
+            while budget > 0 and pending:
+                item = pending.pop()
+                if item is None:
+                    for frame in resample.flush():
+                        yield frame
+                    yield AudioSegmentEnd()
+                    continue
+                budget -= item.duration
+                for frame in resample(item):
+                    yield frame
+            if not pending and not pending.in_reply and self._replacement is not None:
+                self._take_over()
+                return
+            due += period
+            wait = due - loop.time()
+            if wait < -0.5:  # the host stalled: count again rather than burst
+                due = loop.time()
+            elif wait > 0:
+                await asyncio.sleep(wait)
+
+    def _still_frame(self) -> rtc.VideoFrame | None:
+        """The picture shown while the runtime is away: its first frame, converted once."""
+        if self._still is None:
+            return None
+        width, height = self.video_resolution
+        converter = FrameConverter(width, height, 1)
+        return converter(self._still)
+
+    def _take_over(self) -> None:
+        runtime, self._replacement = self._replacement, None
+        assert runtime is not None
+        self._runtime = runtime
+        self._back_at = now = time.monotonic()
+        outage = now - self._failed_at
+        self._set_state("rendering", f"a reopened runtime took over after {outage:.1f} s")
+
+    async def _render(
+        self, frames: AsyncIterator[Any]
     ) -> AsyncGenerator[rtc.VideoFrame | rtc.AudioFrame | AudioSegmentEnd, None]:
         """The runtime's frames, video then audio. Live, after a stall (the event loop blocked,
         say) the runtime catches up with a burst of late frames; LiveKit's synchroniser gives
@@ -168,9 +400,10 @@ class RuntimeVideoGenerator(VideoGenerator):
         a period late and part of a burst is not sent; its audio is, and the mouth catches up
         with the next picture."""
         stats, period, live = self.stats, 1.0 / self._fps, self._live
+        pending = self._pending
         clock_start, ticks = time.monotonic(), 0
         arrived = -1.0
-        async for frame in self._runtime.run():
+        async for frame in frames:
             # render lag: how far behind the frame clock this frame arrived
             now = time.monotonic()
             burst, arrived = now - arrived < period / 2, now
@@ -190,6 +423,8 @@ class RuntimeVideoGenerator(VideoGenerator):
             chunk = frame.audio_chunk
             if chunk is not None:
                 samples = chunk.array
+                if live:
+                    pending.played(len(samples), chunk.sample_rate)
                 yield rtc.AudioFrame(
                     data=chunk.bytes,
                     sample_rate=chunk.sample_rate,
@@ -197,7 +432,47 @@ class RuntimeVideoGenerator(VideoGenerator):
                     samples_per_channel=len(samples),
                 )
             if frame.end_of_speech:
+                if live:
+                    pending.played_end()
                 yield AudioSegmentEnd()
 
+    async def aclose(self) -> None:
+        """End the stream and any attempt to bring the runtime back (the runtime is left to
+        its owner)."""
+        self._stopping = True
+        recovery, self._recovery = self._recovery, None
+        if recovery is not None:
+            recovery.cancel()
+            await asyncio.gather(recovery, return_exceptions=True)
+        self._nudge()
+
     async def stop(self) -> None:
-        await maybe_await(self._runtime.stop())
+        await self.aclose()
+        try:
+            await maybe_await(self._runtime.stop())
+        except Exception:
+            if not self._live or self._state == "rendering":
+                raise  # a runtime that failed already may fail to stop too
+
+
+class _Resamplers:
+    """Speech kept at the agent's rate, played at the track's (LiveKit's native resampler)."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate = rate
+        self._by_rate: dict[int, rtc.AudioResampler] = {}
+
+    def __call__(self, frame: rtc.AudioFrame) -> list[rtc.AudioFrame]:
+        if frame.sample_rate == self._rate:
+            return [frame]
+        resampler = self._by_rate.get(frame.sample_rate)
+        if resampler is None:
+            resampler = rtc.AudioResampler(frame.sample_rate, self._rate, num_channels=1)
+            self._by_rate[frame.sample_rate] = resampler
+        return list(resampler.push(frame))
+
+    def flush(self) -> list[rtc.AudioFrame]:
+        return [frame for resampler in self._by_rate.values() for frame in resampler.flush()]
+
+
+_WAKE = object()  # put in a waited-on queue to make the stream look again

@@ -42,9 +42,10 @@ class WorkerInfo:
     dispatch_id: str | None = None  # with ``serve --dispatch``: LiveKit's dispatch
 
     def as_json(self) -> dict[str, Any]:
-        status = self.status
-        if status == "connected" and self.worker is not None and self.worker.reconnecting:
+        status, worker = self.status, self.worker
+        if status == "connected" and worker is not None and worker.reconnecting:
             status = "reconnecting"
+        live = worker if status in ("connected", "reconnecting") else None
         return {
             "agent_id": self.agent_id,
             "room_name": self.room,
@@ -52,7 +53,9 @@ class WorkerInfo:
             "participant_name": self.participant_name,
             "status": status,
             "started_at": self.started_at,
-            "error": self.error,
+            "error": self.error or (live.avatar_state_reason if live else None),
+            # the avatar may be down while its participant speaks on as plain audio
+            "avatar_state": live.avatar_state if live else None,
             "listen_to": self.listen_to,
             "warnings": list(self.warnings),
             **({"dispatch_id": self.dispatch_id} if self.dispatch_id else {}),
