@@ -59,9 +59,10 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
     * ``output_size``: the rendered resolution, ``(width, height)``.
     * ``mode="participant"`` with ``service_url`` / ``service_key``: render in the avatar
       service instead, as a separate participant (like bitHuman's cloud).
-    * the conversation survives the avatar: if the runtime fails, the agent's speech goes on
-      as plain audio at once (the reply in progress included), the runtime is reopened, and
-      ``avatar_state_changed`` (:class:`AvatarStateChanged`) says so each time.
+    * the conversation survives the avatar: if the runtime fails (or, in the remote modes, the
+      avatar participant goes), the agent's speech goes on as plain audio at once (the reply in
+      progress included), the avatar is brought back, and ``avatar_state_changed``
+      (:class:`AvatarStateChanged`) says so each time.
     * ``mode="dispatch"``: dispatch an avatar worker into the room through LiveKit (the
       agent's LiveKit credentials; workers run ``python -m livekit_plugins_avatarhub worker``).
     """
@@ -132,7 +133,6 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 timeout=max(conn_options.timeout, 30.0),
                 video_options=video_options or VideoPublishOptions(),
                 fallback_identity=identity,
-                on_state_changed=self._state_changed,
             )
         else:
             avatar = RemoteAvatar(
@@ -162,6 +162,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                     agent_name=agent_name(),
                     join_timeout=max(conn_options.timeout, 60.0),
                 )
+        self._backend.on_state_changed = self._state_changed
         self._started = False
         self._closed = False
 
@@ -252,8 +253,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
     def avatar_state(self) -> AvatarState:
         """``rendering``; or ``recovering`` / ``audio_only`` while the agent speaks without
         its avatar (see ``avatar_state_changed``)."""
-        generator = self.video_generator
-        return generator.state if generator is not None else "rendering"
+        return self._backend.avatar_state
 
     def _state_changed(self, event: AvatarStateChanged) -> None:
         self.emit("avatar_state_changed", event)

@@ -235,6 +235,7 @@ class VideoSample:
 class AudioSample:
     at: float
     rms: float  # of this 10 ms piece, int16 full scale = 32768
+    track: str = ""  # the sid of the track it came on
 
 
 def demo_mouth_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -372,7 +373,7 @@ class Subscriber:
             async for event in stream:
                 pcm = np.frombuffer(event.frame.data, np.int16).astype(np.float32)
                 rms = float(np.sqrt(np.mean(pcm * pcm)) / 32768) if pcm.size else 0.0
-                self.audio.append(AudioSample(time.monotonic(), rms))
+                self.audio.append(AudioSample(time.monotonic(), rms, track.sid))
         finally:
             await stream.aclose()
 

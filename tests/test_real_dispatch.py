@@ -145,6 +145,8 @@ async def agent_room(livekit_env, request):
 async def test_session_in_dispatch_mode_sends_a_worker_into_its_own_room(livekit_env, agent_room):
     from livekit.agents.voice.avatar import DataStreamAudioOutput
 
+    from livekit_plugins_avatarhub.backends.relay import AvatarRelay
+
     avatar = AvatarSession(avatar_id="demo", mode="dispatch", model="expression")
     session = AgentSession()
     starting = asyncio.create_task(avatar.start(session, room=agent_room))
@@ -172,9 +174,11 @@ async def test_session_in_dispatch_mode_sends_a_worker_into_its_own_room(livekit
     try:
         await asyncio.wait_for(starting, 10)
         sink = session.output.audio
-        while sink is not None and not isinstance(sink, DataStreamAudioOutput):
+        while sink is not None and not isinstance(sink, AvatarRelay):
             sink = getattr(sink, "next_in_chain", None)
-        assert isinstance(sink, DataStreamAudioOutput), "speech goes to the avatar worker"
+        assert isinstance(sink, AvatarRelay) and isinstance(sink._remote, DataStreamAudioOutput), (
+            "speech goes to the avatar worker"
+        )
         assert avatar.avatar_identity == "bithuman-avatar-agent"
         await avatar.aclose()
         await session.aclose()

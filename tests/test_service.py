@@ -373,10 +373,14 @@ async def test_participant_mode_runs_the_avatar_in_the_service(avatar_service, l
         assert "bithuman-secret-never-shared" not in json.dumps(claims)
         from livekit.agents.voice.avatar import DataStreamAudioOutput
 
+        from livekit_plugins_avatarhub.backends.relay import AvatarRelay
+
         sink = session.output.audio
-        while sink is not None and not isinstance(sink, DataStreamAudioOutput):
+        while sink is not None and not isinstance(sink, AvatarRelay):
             sink = getattr(sink, "next_in_chain", None)
-        assert isinstance(sink, DataStreamAudioOutput), "speech goes to the avatar participant"
+        assert isinstance(sink, AvatarRelay) and isinstance(sink._remote, DataStreamAudioOutput), (
+            "speech goes to the avatar participant"
+        )
     finally:
         await avatar.aclose()
         await session.aclose()
@@ -563,3 +567,61 @@ async def test_an_avatar_unpublishes_its_tracks_before_it_leaves(worker):
     await w.stop()
     assert sorted(room.local_participant.unpublished) == sorted(published)
     assert room.left_with == []
+
+
+async def test_participant_mode_speaks_on_when_the_avatar_leaves(avatar_service, livekit_env):
+    """The avatar participant goes mid-session and cannot be launched again: the agent's next
+    reply is published by the agent itself, whole, and the session says what happened."""
+    from livekit.agents import Agent, AgentSession
+
+    from livekit_plugins_avatarhub import AvatarNotFoundError, AvatarSession
+
+    from fakes import sine_frames
+
+    client, harness, manager = avatar_service
+    avatar = AvatarSession(
+        avatar_id="demo", mode="participant", service_url=str(client.base_url), service_key=KEY
+    )
+    events = []
+    avatar.on("avatar_state_changed", events.append)
+    room = FakeRoom("room-p", sfu=harness.sfu)
+    session = AgentSession()
+    await avatar.start(session, room=room)
+    await session.start(agent=Agent(instructions="test"))
+    try:
+        assert avatar.avatar_state == "rendering"
+
+        async def refuse(agent_id, model):
+            raise AvatarNotFoundError("agent demo: HTTP 404 (NOT_FOUND)", status_code=404)
+
+        harness.open = refuse  # type: ignore[method-assign]
+        await client.post("/v1/agents/demo/leave-room", json={"room_name": "room-p"})
+        for _ in range(200):
+            if avatar.avatar_state == "audio_only":
+                break
+            await asyncio.sleep(0.02)
+        assert [e.new_state for e in events] == ["recovering", "audio_only"]
+        assert "left the room" in events[0].reason and "asking" in events[1].reason
+        handle = session.say("still here", audio=sine_frames(1.0))
+        publication = await room.wait_published(rtc.TrackKind.KIND_AUDIO)
+        stream = rtc.AudioStream(publication.track, sample_rate=16000, num_channels=1)
+        heard = 0
+
+        async def listen():
+            nonlocal heard
+            async for event in stream:
+                samples = np.frombuffer(event.frame.data, np.int16)
+                if samples.size and np.abs(samples).max() > 3000:
+                    heard += event.frame.samples_per_channel
+
+        reader = asyncio.create_task(listen())
+        await asyncio.wait_for(handle.wait_for_playout(), 10)
+        await asyncio.sleep(0.3)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await stream.aclose()
+        assert not handle.interrupted
+        assert heard >= 0.9 * 16000, "the reply was published by the agent"
+    finally:
+        await avatar.aclose()
+        await session.aclose()

@@ -19,6 +19,8 @@ from livekit import rtc
 from .. import _compat
 from ..exceptions import AvatarHubError, ConfigurationError
 from ..remote.protocol import RPC_TRIGGER_DYNAMICS, read_answer
+from ..rendering.failover import AvatarState, OnStateChanged
+from .relay import AvatarRelay, Relaunch
 
 if TYPE_CHECKING:
     from bithuman import VideoControl
@@ -54,6 +56,11 @@ class AvatarBackend(Protocol):
     #: whether the avatar is a participant of its own (LiveKit's base class removes it on
     #: close); False when the agent's own participant publishes it
     own_participant: bool
+    #: told when the avatar stops or resumes rendering (set by ``AvatarSession``)
+    on_state_changed: OnStateChanged | None
+
+    @property
+    def avatar_state(self) -> AvatarState: ...
 
     def identity(self, room: rtc.Room | None) -> str:
         """The participant that publishes the avatar (``avatar_identity``)."""
@@ -107,17 +114,19 @@ async def trigger_remote(room: rtc.Room, identity: str, action: str, *, force: b
         )
 
 
-def route_audio_to(agent_session: AgentSession[Any], room: rtc.Room, identity: str) -> None:
-    """The agent's speech goes to ``identity`` as LiveKit's DataStream avatar audio."""
-    from livekit.agents.voice.avatar import DataStreamAudioOutput
-
-    try:  # wait_remote_track (1.1+): hold the audio until the avatar publishes video
-        sink = DataStreamAudioOutput(
-            room, destination_identity=identity, wait_remote_track=rtc.TrackKind.KIND_VIDEO
-        )  # type: ignore[call-arg]
-    except TypeError:  # livekit-agents 1.0
-        sink = DataStreamAudioOutput(room, destination_identity=identity)
-    _compat.replace_audio_output(agent_session, sink)
+def route_audio_to(
+    agent_session: AgentSession[Any],
+    room: rtc.Room,
+    identity: str,
+    *,
+    relaunch: Relaunch | None,
+    on_state_changed: OnStateChanged | None,
+) -> AvatarRelay:
+    """The agent's speech goes to ``identity`` as LiveKit's DataStream avatar audio, and into
+    the room as plain audio whenever that avatar is gone (see :mod:`.relay`)."""
+    relay = AvatarRelay(room, identity, relaunch=relaunch, on_state_changed=on_state_changed)
+    _compat.replace_audio_output(agent_session, relay)
+    return relay
 
 
 async def avatar_joined(room: rtc.Room, identity: str) -> None:

@@ -18,7 +18,9 @@ from ..log import logger
 from ..remote.dispatcher import AvatarDispatcher
 from ..remote.protocol import AvatarJob
 from ..remote.server_api import livekit_refusal
+from ..rendering.failover import AvatarState, OnStateChanged
 from .base import Attach, LiveKitKeys, RemoteAvatar, avatar_joined, push_gesture, route_audio_to
+from .relay import AvatarRelay
 
 if TYPE_CHECKING:
     from bithuman import VideoControl
@@ -41,6 +43,12 @@ class DispatchBackend:
         self.agent_name, self.join_timeout = agent_name, join_timeout
         self._dispatcher: AvatarDispatcher | None = None
         self._room: rtc.Room | None = None
+        self._relay: AvatarRelay | None = None
+        self.on_state_changed: OnStateChanged | None = None
+
+    @property
+    def avatar_state(self) -> AvatarState:
+        return self._relay.state if self._relay is not None else "rendering"
 
     def identity(self, room: rtc.Room | None) -> str:
         return self.avatar.identity
@@ -78,7 +86,18 @@ class DispatchBackend:
                 f"start` running with agent name {self.agent_name!r}, with room for another?"
             ) from None
         await attach()
-        route_audio_to(agent_session, room, avatar.identity)
+
+        async def dispatch_again() -> None:  # the old dispatch's job is gone with its worker
+            await dispatcher.remove(room.name, avatar.agent_id)
+            await dispatcher.ensure(room.name, job)
+
+        self._relay = route_audio_to(
+            agent_session,
+            room,
+            avatar.identity,
+            relaunch=dispatch_again,
+            on_state_changed=self.on_state_changed,
+        )
         logger.info(
             "avatar %s renders on a dispatched worker as %s", avatar.agent_id, avatar.identity
         )
@@ -87,6 +106,9 @@ class DispatchBackend:
         await push_gesture(self._room, self.avatar.identity, control, "dispatch")
 
     async def aclose(self) -> None:
+        relay, self._relay = self._relay, None
+        if relay is not None:  # first: the avatar leaving now is no failure
+            await relay.aclose()
         dispatcher, self._dispatcher = self._dispatcher, None
         room, self._room = self._room, None
         if dispatcher is None:

@@ -19,7 +19,7 @@ from .._retry import RetryPolicy
 from ..exceptions import AvatarHubError
 from ..log import logger
 from ..remote.protocol import RPC_TRIGGER_DYNAMICS, Push, handle
-from ..rendering.failover import Failover, OnStateChanged
+from ..rendering.failover import AvatarState, Failover, OnStateChanged
 from ..rendering.generator import RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar, open_source
 from ..rendering.publish import VideoPublishOptions, avatar_runner, close_runner
@@ -62,11 +62,15 @@ class LocalBackend:
         self.generator: RuntimeVideoGenerator | None = None
         self._audio_sink: Any = None
         self._stop_answering: Callable[[], None] | None = None
-        self._on_state_changed = on_state_changed
+        self.on_state_changed = on_state_changed
 
     @property
     def runtime(self) -> AvatarRuntime | None:
         return self._runtime
+
+    @property
+    def avatar_state(self) -> AvatarState:
+        return self.generator.state if self.generator is not None else "rendering"
 
     def identity(self, room: rtc.Room | None) -> str:
         if room is not None:  # the agent's own participant publishes the avatar
@@ -99,7 +103,7 @@ class LocalBackend:
         LiveKit credentials are not needed: the agent's own connection publishes."""
         try:
             runtime = await self._load_runtime()
-            failover = Failover(reopen=self._reopen, on_state_changed=self._on_state_changed)
+            failover = Failover(reopen=self._reopen, on_state_changed=self.on_state_changed)
             generator = await RuntimeVideoGenerator.create(runtime, live=True, failover=failover)
         except BaseException:
             await self._release_runtime()

@@ -20,7 +20,9 @@ from ..api import status_error
 from ..config import livekit_credentials, tls_context
 from ..exceptions import APIConnectionError
 from ..log import logger
+from ..rendering.failover import AvatarState, OnStateChanged
 from .base import Attach, LiveKitKeys, RemoteAvatar, push_gesture, route_audio_to
+from .relay import AvatarRelay
 
 if TYPE_CHECKING:
     from bithuman import VideoControl
@@ -44,6 +46,12 @@ class ServiceBackend:
         self.service_url, self._service_key = service_url, service_key
         self._retry = retry
         self._room: rtc.Room | None = None
+        self._relay: AvatarRelay | None = None
+        self.on_state_changed: OnStateChanged | None = None
+
+    @property
+    def avatar_state(self) -> AvatarState:
+        return self._relay.state if self._relay is not None else "rendering"
 
     def identity(self, room: rtc.Room | None) -> str:
         return self.avatar.identity
@@ -59,33 +67,46 @@ class ServiceBackend:
             needed_for="mode='participant' mints a token for the avatar",
         )
         avatar = self.avatar
-        token = avatar_token(
-            api_key=lk_key,
-            api_secret=lk_secret,
-            room=room.name,
-            identity=avatar.identity,
-            name=avatar.name,
-            on_behalf_of=room.local_participant.identity,
-        )
-        await launch_avatar(
-            service_url=self.service_url,
-            service_key=self._service_key,
-            agent_id=avatar.agent_id,
-            model=avatar.model,
-            livekit_url=lk_url,
-            livekit_token=token,
-            room_name=room.name,
-            retry=self._retry,
-        )
+
+        async def launch() -> None:
+            token = avatar_token(
+                api_key=lk_key,
+                api_secret=lk_secret,
+                room=room.name,
+                identity=avatar.identity,
+                name=avatar.name,
+                on_behalf_of=room.local_participant.identity,
+            )
+            await launch_avatar(
+                service_url=self.service_url,
+                service_key=self._service_key,
+                agent_id=avatar.agent_id,
+                model=avatar.model,
+                livekit_url=lk_url,
+                livekit_token=token,
+                room_name=room.name,
+                retry=self._retry,
+            )
+
+        await launch()
         self._room = room
         await attach()
-        route_audio_to(agent_session, room, avatar.identity)
+        self._relay = route_audio_to(
+            agent_session,
+            room,
+            avatar.identity,
+            relaunch=launch,
+            on_state_changed=self.on_state_changed,
+        )
         logger.info("avatar %s renders remotely as %s", avatar.agent_id, avatar.identity)
 
     async def push(self, control: VideoControl) -> None:
         await push_gesture(self._room, self.avatar.identity, control, "participant")
 
     async def aclose(self) -> None:
+        relay, self._relay = self._relay, None
+        if relay is not None:  # first: the avatar leaving now is no failure
+            await relay.aclose()
         if self._room is not None:
             room, self._room = self._room, None
             await leave(
