@@ -30,7 +30,7 @@ from .exceptions import (
 )
 from .ids import DEMO_AVATAR_ID
 from .log import logger
-from .remote.protocol import DEFAULT_IDENTITY, agent_name
+from .remote.protocol import DEFAULT_IDENTITY, DEFAULT_IDLE_TIMEOUT, agent_name
 from .rendering.failover import AvatarState, AvatarStateChanged
 from .rendering.generator import RuntimeVideoGenerator
 from .rendering.loader import check_model_file
@@ -63,6 +63,9 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
       avatar participant goes), the agent's speech goes on as plain audio at once (the reply in
       progress included), the avatar is brought back, and ``avatar_state_changed``
       (:class:`AvatarStateChanged`) says so each time.
+    * cost guards: ``max_session_seconds`` (stop rendering for good after that long) and
+      ``idle_timeout`` (stop rendering, and free the runtime, while nobody but agents is in
+      the room; render again when someone joins; default 300 s).
     * ``mode="dispatch"``: dispatch an avatar worker into the room through LiveKit (the
       agent's LiveKit credentials; workers run ``python -m livekit_plugins_avatarhub worker``).
     """
@@ -87,6 +90,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         mode: Literal["local", "participant", "dispatch"] = "local",
         service_url: NotGivenOr[str] = NOT_GIVEN,
         service_key: NotGivenOr[str] = NOT_GIVEN,
+        max_session_seconds: NotGivenOr[float | None] = NOT_GIVEN,
+        idle_timeout: NotGivenOr[float | None] = NOT_GIVEN,
     ) -> None:
         super().__init__()
         if mode not in ("local", "participant", "dispatch"):
@@ -121,6 +126,16 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         identity = env_or(avatar_participant_identity) or DEFAULT_IDENTITY
         name = env_or(avatar_participant_name) or DEFAULT_IDENTITY
         retry = RetryPolicy.from_conn_options(conn_options)
+        # cost guards: the avatar stops rendering at the limit (the agent speaks on)
+        self._max_session_seconds = config.seconds_setting(
+            max_session_seconds,
+            "AVATARHUB_MAX_SESSION_SECONDS",
+            "max_session_seconds",
+            default=None,
+        )
+        idle = config.seconds_setting(
+            idle_timeout, "AVATARHUB_IDLE_TIMEOUT", "idle_timeout", default=DEFAULT_IDLE_TIMEOUT
+        )
         self._backend: AvatarBackend
         if mode == "local":
             if given_runtime is None and not (self._source and self._source.is_demo):
@@ -133,6 +148,8 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                 timeout=max(conn_options.timeout, 30.0),
                 video_options=video_options or VideoPublishOptions(),
                 fallback_identity=identity,
+                max_session_seconds=self._max_session_seconds,
+                idle_timeout=idle or 0.0,
             )
         else:
             avatar = RemoteAvatar(
@@ -153,6 +170,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                     service_url=url,
                     service_key=config.service_key(service_key),
                     retry=retry,
+                    max_session_seconds=self._max_session_seconds,
                 )
             else:
                 from .backends.dispatch import DispatchBackend
@@ -161,6 +179,7 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
                     avatar=avatar,
                     agent_name=agent_name(),
                     join_timeout=max(conn_options.timeout, 60.0),
+                    max_session_seconds=self._max_session_seconds,
                 )
         self._backend.on_state_changed = self._state_changed
         self._started = False
@@ -255,6 +274,13 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         its avatar (see ``avatar_state_changed``)."""
         return self._backend.avatar_state
 
+    @property
+    def rendered_seconds(self) -> float:
+        """How long this session's runtime has rendered, idle frames included (bitHuman
+        bills runtime minutes); 0 when the avatar renders elsewhere."""
+        generator = self.video_generator
+        return generator.stats.rendered_seconds if generator is not None else 0.0
+
     def _state_changed(self, event: AvatarStateChanged) -> None:
         self.emit("avatar_state_changed", event)
 
@@ -263,6 +289,11 @@ class AvatarSession(_compat.AvatarSessionBase):  # type: ignore[misc,name-define
         """The runtime rendering this avatar, e.g. to ``push(VideoControl(action=...))``."""
         runtime = self._backend.runtime if isinstance(self._backend, LocalBackend) else None
         if runtime is None:
+            if self._started and self.avatar_state != "rendering":
+                raise AvatarHubError(
+                    f"the avatar is not rendering ({self.avatar_state}): its runtime is not "
+                    "loaded now"
+                )
             raise AvatarHubError("the avatar runtime is not loaded yet; call start() first")
         return runtime
 

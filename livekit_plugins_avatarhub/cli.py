@@ -180,6 +180,16 @@ def _host(text: str) -> str:
     return text
 
 
+def _session_limit_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-session-seconds",
+        metavar="S",
+        default=None,
+        help="every avatar leaves after S seconds, whatever a request asks "
+        "(AVATARHUB_MAX_SESSION_SECONDS; default: no limit)",
+    )
+
+
 def _gesture_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-gestures-from",
@@ -199,7 +209,7 @@ def _api_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .remote.participant import DEFAULT_IDLE_TIMEOUT
+    from .remote.protocol import DEFAULT_IDLE_TIMEOUT
     from .rendering import mp4
 
     parser = argparse.ArgumentParser(
@@ -356,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "else avatarhub-avatar)",
     )
     _gesture_option(p)
+    _session_limit_option(p)
     p.add_argument("--key", help="the key clients must send (default: AVATARHUB_SERVICE_KEY)")
     p.add_argument(
         "--api-secret", help="bitHuman secret for model downloads (default: BITHUMAN_API_SECRET)"
@@ -609,6 +620,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .remote.protocol import allow_gestures_from
 
     allow_gestures_from(args.allow_gestures_from)
+    if args.max_session_seconds is not None:
+        from .remote.protocol import limit_sessions
+
+        try:
+            limit_sessions(args.max_session_seconds)
+        except AvatarHubError as err:
+            raise SystemExit(f"error: --max-session-seconds: {err}") from None
     try:
         _serve(args, serve, key, secret)
     except OSError as err:  # the address is taken, or not this machine's

@@ -81,6 +81,42 @@ def env_or(value: Any, *names: str) -> str | None:
     return None
 
 
+#: a session limit or idle timeout above this is surely a mistake (a week)
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def seconds_setting(value: Any, env: str, what: str, *, default: float | None) -> float | None:
+    """A duration argument, else ``env``, else ``default``: a number of seconds from 0 (off:
+    None) to a week; anything else is a ConfigurationError naming ``what``."""
+    raw: Any = value
+    if raw is None or type(raw).__name__ == "NotGiven":
+        raw = os.environ.get(env) or None
+        if raw is None:
+            return default
+    try:
+        seconds = float(raw)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if isinstance(raw, bool) or not 0 <= seconds <= MAX_SECONDS:
+        raise ConfigurationError(
+            f"{what} must be a number of seconds from 0 (off) to {MAX_SECONDS:g}; got {raw!r}"
+        )
+    return seconds or None
+
+
+def session_limit_setting() -> float | None:
+    """The operator's session limit for avatars: ``AVATARHUB_MAX_SESSION_SECONDS``."""
+    return seconds_setting(
+        None, "AVATARHUB_MAX_SESSION_SECONDS", "AVATARHUB_MAX_SESSION_SECONDS", default=None
+    )
+
+
+def tighter(*limits: float | None) -> float | None:
+    """The smallest of the limits that are set (None: no limit at all)."""
+    given = [limit for limit in limits if limit]
+    return min(given) if given else None
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 

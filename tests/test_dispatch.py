@@ -47,6 +47,8 @@ async def livekit_server(monkeypatch):
 def test_job_metadata_round_trips_and_bad_metadata_says_why():
     job = AvatarJob("A91XMB7113", model="expression", participant_name="BitHuman Agent")
     assert AvatarJob.parse(job.to_metadata()) == job
+    limited = AvatarJob("demo", max_session_seconds=90.0)
+    assert AvatarJob.parse(limited.to_metadata()).max_session_seconds == 90.0
     for metadata, words in [
         ("", "not JSON"),
         ("[1]", "JSON object"),
@@ -55,6 +57,8 @@ def test_job_metadata_round_trips_and_bad_metadata_says_why():
         ('{"agent_id": "demo", "colour": "red"}', "unknown fields"),
         ('{"agent_id": "demo", "listen_to": "u", "publish_on_behalf": "a"}', "not both"),
         ('{"agent_id": "demo", "participant_name": 7}', "participant_name"),
+        ('{"agent_id": "demo", "max_session_seconds": 0}', "max_session_seconds"),
+        ('{"agent_id": "demo", "max_session_seconds": "1h"}', "max_session_seconds"),
     ]:
         with pytest.raises(ConfigurationError, match=words):
             AvatarJob.parse(metadata)
@@ -151,6 +155,9 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
             lambda: (REGISTRY.get_sample_value("avatarhub_job_frames_published_total") or 0) > 0,
             what="the jobs' frame counts in Prometheus",
         )
+        frames = REGISTRY.get_sample_value("avatarhub_job_frames_published_total") or 0
+        rendered = REGISTRY.get_sample_value("avatarhub_job_rendered_seconds_total") or 0
+        assert rendered > 0 and abs(rendered - frames / 25) < 1.0, "billed time follows frames"
         failure = [r for r in caplog.records if "not a bitHuman agent code" in r.getMessage()]
         assert failure, "the bad job failed saying why"
         assert all(r.name != "room-bad" for r in job_rooms), "a bad job never entered a room"

@@ -233,3 +233,55 @@ def test_pending_audio_drops_a_finished_replys_padding_but_not_the_next_reply():
     assert frame is not None and frame.samples_per_channel == 320 and pending.in_reply
     pending.clear()
     assert not pending and not pending.in_reply
+
+
+# -- cost guards: the avatar stops rendering on purpose, the agent speaks on ------------------
+
+
+async def test_the_session_limit_stops_rendering_and_frees_the_runtime(model_file, crashable):
+    avatar = AvatarSession(
+        model_path=model_file, api_secret=SECRET, output_size=(160, 120), max_session_seconds=1.5
+    )
+    async with talking(avatar) as (session, room, heard, events, readers):
+        room.join("user-1", rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD)
+        runtime = avatar.runtime
+        await listen(room, heard, readers)
+        handle = session.say("a long answer", audio=sine_frames(REPLY))
+        await asyncio.wait_for(handle.wait_for_playout(), 15)
+        assert not handle.interrupted
+        assert avatar.avatar_state == "audio_only" and runtime.cleaned_up == 1
+        with pytest.raises(AvatarHubError, match="not rendering"):
+            avatar.runtime
+    assert [(e.new_state, e.reason) for e in events] == [
+        ("audio_only", "the session limit of 1.5 s was reached")
+    ]
+    # the limit cut the avatar mid-reply, not the reply
+    assert REPLY * RATE * 0.95 <= heard.loud_samples <= REPLY * RATE * 1.05
+    assert len(crashable.created) == 1  # and it was not loaded again
+
+
+async def test_an_avatar_alone_with_agents_stops_until_someone_joins(model_file, crashable):
+    avatar = AvatarSession(
+        model_path=model_file, api_secret=SECRET, output_size=(160, 120), idle_timeout=0.5
+    )
+    async with talking(avatar) as (session, room, heard, events, readers):
+        room.join("another-agent")  # agents do not count as an audience
+        await until(lambda: avatar.avatar_state == "audio_only", timeout=5)
+        first = crashable.created[0]
+        assert first.cleaned_up == 1, "the runtime was freed while nobody watched"
+        room.join("user-1", rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD)
+        await until(lambda: avatar.avatar_state == "rendering", timeout=10)
+        assert len(crashable.created) == 2 and avatar.runtime is crashable.created[1]
+    assert [e.new_state for e in events] == ["audio_only", "recovering", "rendering"]
+    assert "nobody but agents" in events[0].reason and "joined" in events[1].reason
+
+
+def test_bad_cost_guard_values_are_refused(model_file, monkeypatch):
+    from livekit_plugins_avatarhub import ConfigurationError
+
+    for bad in (-1, "soon", 10**9, True):
+        with pytest.raises(ConfigurationError, match="max_session_seconds"):
+            AvatarSession(model_path=model_file, api_secret=SECRET, max_session_seconds=bad)
+    monkeypatch.setenv("AVATARHUB_IDLE_TIMEOUT", "five minutes")
+    with pytest.raises(ConfigurationError, match="idle_timeout"):
+        AvatarSession(model_path=model_file, api_secret=SECRET)

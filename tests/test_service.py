@@ -53,6 +53,11 @@ async def test_auth_is_required(avatar_service):
             "participant_name",
         ),
         ("/v1/agents/demo/join-room", [1, 2], "JSON object"),
+        (
+            "/v1/agents/demo/join-room",
+            {**join_body(), "max_session_seconds": -5},
+            "max_session_seconds",
+        ),
         ("/v1/runtime-tokens/request", {"agent_id": "demo", "mode": "tpu"}, "mode"),
         (
             "/v1/runtime-tokens/request",
@@ -585,6 +590,7 @@ async def test_participant_mode_speaks_on_when_the_avatar_leaves(avatar_service,
     events = []
     avatar.on("avatar_state_changed", events.append)
     room = FakeRoom("room-p", sfu=harness.sfu)
+    room.join("user-1", rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD)  # someone to hear it
     session = AgentSession()
     await avatar.start(session, room=room)
     await session.start(agent=Agent(instructions="test"))
@@ -625,3 +631,73 @@ async def test_participant_mode_speaks_on_when_the_avatar_leaves(avatar_service,
     finally:
         await avatar.aclose()
         await session.aclose()
+
+
+async def test_the_session_limit_holds_in_the_service_too(avatar_service, monkeypatch):
+    """A request's limit, within the operator's (AVATARHUB_MAX_SESSION_SECONDS): the worker
+    leaves at the smaller one."""
+    client, harness, manager = avatar_service
+    monkeypatch.setenv("AVATARHUB_MAX_SESSION_SECONDS", "0.5")
+    r = await client.post(
+        "/v1/agents/demo/join-room", json={**join_body(), "max_session_seconds": 3600}
+    )
+    assert r.status_code == 200
+    assert manager.get("demo", "room-a").worker.max_session_seconds == 0.5
+
+    def gone() -> bool:
+        info = manager.get("demo", "room-a")
+        return info is None or info.status == "stopped"
+
+    for _ in range(100):
+        if gone():
+            break
+        await asyncio.sleep(0.05)
+    assert gone() and harness.rooms[0].left_with is not None  # it left the room
+
+
+async def test_participant_mode_keeps_its_session_limit(avatar_service, livekit_env):
+    from livekit.agents import Agent, AgentSession
+
+    from livekit_plugins_avatarhub import AvatarSession
+
+    client, harness, manager = avatar_service
+    avatar = AvatarSession(
+        avatar_id="demo",
+        mode="participant",
+        service_url=str(client.base_url),
+        service_key=KEY,
+        max_session_seconds=1.0,
+    )
+    events = []
+    avatar.on("avatar_state_changed", events.append)
+    room = FakeRoom("room-p", sfu=harness.sfu)
+    room.join("user-1", rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD)
+    session = AgentSession()
+    await avatar.start(session, room=room)
+    await session.start(agent=Agent(instructions="test"))
+    try:
+        # the service got the limit with a backstop, for an agent that is gone by then
+        assert manager.get("demo", "room-p").worker.max_session_seconds == 6.0
+        for _ in range(100):
+            if avatar.avatar_state == "audio_only" and not manager.workers():
+                break
+            await asyncio.sleep(0.05)
+        assert [e.new_state for e in events] == ["audio_only"]
+        assert events[0].reason == "the session limit of 1 s was reached"
+        assert manager.workers() == [] or manager.workers()[0].status == "stopped"
+    finally:
+        await avatar.aclose()
+        await session.aclose()
+
+
+async def test_rendered_seconds_are_counted_per_avatar_and_in_the_metrics(avatar_service):
+    """What bitHuman bills (the runtime's rendering time) is visible per avatar and in all."""
+    client, harness, _ = avatar_service
+    await client.post("/v1/agents/demo/join-room", json=join_body())
+    harness.rooms[0].join("agent-1")
+    await asyncio.sleep(1.5)
+    (worker,) = (await client.get("/v1/workers")).json()["data"]
+    assert 0.8 < worker["rendered_seconds"] < 2.0
+    text = (await client.get("/metrics")).text
+    (line,) = [row for row in text.splitlines() if row.startswith("avatarhub_rendered_seconds")]
+    assert float(line.split()[-1]) >= worker["rendered_seconds"]

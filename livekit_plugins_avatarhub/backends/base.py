@@ -18,6 +18,7 @@ from livekit import rtc
 
 from .. import _compat
 from ..exceptions import AvatarHubError, ConfigurationError
+from ..log import logger
 from ..remote.protocol import RPC_TRIGGER_DYNAMICS, read_answer
 from ..rendering.failover import AvatarState, OnStateChanged
 from .relay import AvatarRelay, Relaunch
@@ -127,6 +128,24 @@ def route_audio_to(
     relay = AvatarRelay(room, identity, relaunch=relaunch, on_state_changed=on_state_changed)
     _compat.replace_audio_output(agent_session, relay)
     return relay
+
+
+#: a remote avatar is asked to leave this much after the session's own limit, so that it goes
+#: even when the agent that would have sent it away is gone
+LIMIT_BACKSTOP = 5.0
+
+
+async def end_at_limit(
+    seconds: float, relay: AvatarRelay, send_away: Callable[[], Awaitable[None]]
+) -> None:
+    """A remote avatar's session limit, kept by the agent: the speech goes on as plain audio,
+    the avatar is sent away and not asked for again."""
+    await asyncio.sleep(seconds)
+    relay.retire(f"the session limit of {seconds:g} s was reached")
+    try:
+        await send_away()
+    except Exception as err:  # it leaves at its own limit anyway
+        logger.debug("sending the avatar away at its session limit: %s", err)
 
 
 async def avatar_joined(room: rtc.Room, identity: str) -> None:

@@ -19,7 +19,16 @@ from ..remote.dispatcher import AvatarDispatcher
 from ..remote.protocol import AvatarJob
 from ..remote.server_api import livekit_refusal
 from ..rendering.failover import AvatarState, OnStateChanged
-from .base import Attach, LiveKitKeys, RemoteAvatar, avatar_joined, push_gesture, route_audio_to
+from .base import (
+    LIMIT_BACKSTOP,
+    Attach,
+    LiveKitKeys,
+    RemoteAvatar,
+    avatar_joined,
+    end_at_limit,
+    push_gesture,
+    route_audio_to,
+)
 from .relay import AvatarRelay
 
 if TYPE_CHECKING:
@@ -38,8 +47,11 @@ class DispatchBackend:
         avatar: RemoteAvatar,
         agent_name: str,
         join_timeout: float,
+        max_session_seconds: float | None = None,
     ) -> None:
         self.avatar = avatar
+        self._limit = max_session_seconds
+        self._guard: asyncio.Task[None] | None = None
         self.agent_name, self.join_timeout = agent_name, join_timeout
         self._dispatcher: AvatarDispatcher | None = None
         self._room: rtc.Room | None = None
@@ -69,6 +81,7 @@ class DispatchBackend:
             participant_identity=avatar.identity,
             participant_name=avatar.name,
             publish_on_behalf=room.local_participant.identity,
+            max_session_seconds=self._limit + LIMIT_BACKSTOP if self._limit else None,
         )
         try:
             await dispatcher.ensure(room.name, job)
@@ -98,6 +111,12 @@ class DispatchBackend:
             relaunch=dispatch_again,
             on_state_changed=self.on_state_changed,
         )
+        if self._limit:
+
+            async def send_away() -> None:
+                await dispatcher.remove(room.name, avatar.agent_id)
+
+            self._guard = asyncio.create_task(end_at_limit(self._limit, self._relay, send_away))
         logger.info(
             "avatar %s renders on a dispatched worker as %s", avatar.agent_id, avatar.identity
         )
@@ -106,6 +125,9 @@ class DispatchBackend:
         await push_gesture(self._room, self.avatar.identity, control, "dispatch")
 
     async def aclose(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None and guard is not asyncio.current_task():
+            guard.cancel()
         relay, self._relay = self._relay, None
         if relay is not None:  # first: the avatar leaving now is no failure
             await relay.aclose()

@@ -51,6 +51,8 @@ class LocalBackend:
         video_options: VideoPublishOptions,
         fallback_identity: str,
         on_state_changed: OnStateChanged | None = None,
+        max_session_seconds: float | None = None,
+        idle_timeout: float = 0.0,
     ) -> None:
         self._source, self._runtime = source, runtime
         self._given = runtime is not None  # the caller's: reused, never freed here
@@ -63,6 +65,9 @@ class LocalBackend:
         self._audio_sink: Any = None
         self._stop_answering: Callable[[], None] | None = None
         self.on_state_changed = on_state_changed
+        self._max_session_seconds, self._idle_timeout = max_session_seconds, idle_timeout
+        self._guards: list[asyncio.Task[None]] = []
+        self._room: rtc.Room | None = None
 
     @property
     def runtime(self) -> AvatarRuntime | None:
@@ -116,6 +121,11 @@ class LocalBackend:
         await self._runner.start()
         _compat.replace_audio_output(agent_session, audio_sink)
         self._stop_answering = answer_in_process(room.local_participant, self._trigger)
+        self._room = room
+        if self._max_session_seconds:
+            self._guards.append(asyncio.create_task(self._end_session(self._max_session_seconds)))
+        if self._idle_timeout > 0:
+            self._guards.append(asyncio.create_task(self._pause_when_alone(room)))
         logger.info(
             "avatar started",
             extra={
@@ -157,6 +167,43 @@ class LocalBackend:
         await asyncio.to_thread(self._runtime.get_first_frame)  # renders, or raises here
         return self._runtime
 
+    async def _end_session(self, seconds: float) -> None:
+        """The session's time limit: stop rendering for good (the agent speaks on)."""
+        await asyncio.sleep(seconds)
+        await self._stop_rendering(f"the session limit of {seconds:g} s was reached")
+        self._guards = [t for t in self._guards if t is not asyncio.current_task()]
+        for guard in self._guards:  # nothing to pause or resume any more
+            guard.cancel()
+
+    async def _pause_when_alone(self, room: rtc.Room) -> None:
+        """Nobody but agents in the room for ``idle_timeout`` s: stop rendering and free the
+        runtime; render again when someone joins."""
+        timeout = self._idle_timeout
+        check = min(5.0, timeout / 4)
+        alone_since: float | None = None
+        paused = False
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(check)
+            now = loop.time()
+            if not _alone(room):
+                alone_since = None
+                if paused and self.generator is not None:
+                    paused = False
+                    self.generator.resume("someone joined the room: rendering again")
+                continue
+            alone_since = alone_since or now
+            if not paused and now - alone_since >= timeout:
+                paused = True
+                await self._stop_rendering(f"nobody but agents in the room for {timeout:g} s")
+
+    async def _stop_rendering(self, reason: str) -> None:
+        generator = self.generator
+        if generator is None:
+            return
+        await generator.retire(reason)
+        await self._release_runtime()
+
     async def _release_runtime(self) -> None:
         opened, self._opened = self._opened, None
         if opened is not None:  # loaded here: free the runtime and the model's lease
@@ -167,6 +214,10 @@ class LocalBackend:
 
     async def aclose(self) -> None:
         """Stop rendering and free what was loaded; a runtime passed in stays usable."""
+        guards, self._guards = self._guards, []
+        for guard in guards:
+            guard.cancel()
+        await asyncio.gather(*guards, return_exceptions=True)
         stop_answering, self._stop_answering = self._stop_answering, None
         if stop_answering is not None:
             stop_answering()
@@ -179,6 +230,12 @@ class LocalBackend:
             position = float(getattr(runner, "_playback_position", 0.0) or 0.0)
             _compat.finish_interrupted_playback(self._audio_sink, position)
         await self._release_runtime()
+
+
+def _alone(room: rtc.Room) -> bool:
+    """No one in the room but agents (this one, a second agent, an avatar)."""
+    agent = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    return all(p.kind == agent for p in room.remote_participants.values())
 
 
 def answer_in_process(participant: rtc.LocalParticipant, push: Push) -> Callable[[], None]:

@@ -89,7 +89,10 @@ class AvatarRelay(AudioOutput):
         self._flushed = False
         self._back = False  # a relaunched avatar is in the room, waiting for a pause
         self._failed_at = 0.0
+        self._retired = False  # stopped on purpose: the avatar is not asked for again
+        self._ask_when_joined = False  # it left an empty room: ask again when someone comes
         self._tasks: set[asyncio.Task[Any]] = set()
+        room.on("participant_connected", self._on_joined)
         room.on("participant_disconnected", self._on_left)
         room.on("track_published", self._on_published)
         self._spawn(self._watch_media(), "avatarhub-avatar-watch")
@@ -162,6 +165,25 @@ class AvatarRelay(AudioOutput):
         if participant.identity == self._identity:
             self._gone("the avatar left the room", stopped_ago=0.0)
 
+    def _on_joined(self, participant: rtc.RemoteParticipant) -> None:
+        if self._ask_when_joined and participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+            self._ask_when_joined = False
+            assert self._relaunch is not None
+            self._set_state("recovering", f"{participant.identity} joined: asking for the avatar")
+            self._spawn(self._ask_again(self._relaunch), "avatarhub-avatar-relaunch")
+
+    def retire(self, reason: str) -> None:
+        """Stop sending speech to the avatar on purpose (a session limit): the agent speaks on
+        as plain audio, and the avatar is not asked for again."""
+        self._retired, self._ask_when_joined = True, False
+        if self._remote is not None:
+            self._gone(reason, stopped_ago=0.0)
+        elif self.state != "audio_only":
+            self._set_state("audio_only", reason)
+        for task in list(self._tasks):
+            if task.get_name() == "avatarhub-avatar-relaunch":
+                task.cancel()
+
     def _on_published(self, publication: Any, participant: rtc.RemoteParticipant) -> None:
         if (
             participant.identity == self._identity
@@ -226,7 +248,11 @@ class AvatarRelay(AudioOutput):
             return
         self._detach()
         self._failed_at = now = time.monotonic()
-        self._set_state("recovering" if self._relaunch is not None else "audio_only", reason)
+        ask = self._relaunch is not None and not self._retired
+        if ask and _alone(self._room):  # an idle avatar's leave: nobody needs it until then
+            ask, self._ask_when_joined = False, True
+            reason += ", with nobody but agents in it"
+        self._set_state("recovering" if ask else "audio_only", reason)
         if self._in_segment:  # the rest of this reply goes out as plain audio
             start = self._started_at or self._first_at
             played = max(0.0, now - stopped_ago - start)
@@ -236,7 +262,8 @@ class AvatarRelay(AudioOutput):
                 plain.put(frame)
             if self._flushed:
                 plain.end()
-        if self._relaunch is not None:
+        if ask:
+            assert self._relaunch is not None
             self._spawn(self._ask_again(self._relaunch), "avatarhub-avatar-relaunch")
 
     async def _ask_again(self, relaunch: Relaunch) -> None:
@@ -257,6 +284,8 @@ class AvatarRelay(AudioOutput):
         old, self.state = self.state, new
         if new == "rendering":
             logger.info("the avatar %s speaks again: %s", self._identity, reason)
+        elif self._retired or self._ask_when_joined or (new == "recovering" and old != "rendering"):
+            logger.info("the avatar %s: %s", self._identity, reason)
         elif old == "rendering":
             logger.warning(
                 "the avatar %s is gone (%s); the agent's speech goes on as plain audio",
@@ -287,6 +316,7 @@ class AvatarRelay(AudioOutput):
         task.add_done_callback(self._tasks.discard)
 
     async def aclose(self) -> None:
+        self._room.off("participant_connected", self._on_joined)
         self._room.off("participant_disconnected", self._on_left)
         self._room.off("track_published", self._on_published)
         for task in list(self._tasks):
@@ -294,6 +324,12 @@ class AvatarRelay(AudioOutput):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._plain is not None:
             await self._plain.aclose()
+
+
+def _alone(room: rtc.Room) -> bool:
+    """Nobody in the room but agents (the avatar, being one, included)."""
+    agent = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    return all(p.kind == agent for p in room.remote_participants.values())
 
 
 def _after(frames: list[rtc.AudioFrame], seconds: float) -> list[rtc.AudioFrame]:

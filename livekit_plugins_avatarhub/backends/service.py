@@ -9,6 +9,7 @@ no bitHuman secret goes into the participant's attributes: the service holds its
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -21,7 +22,15 @@ from ..config import livekit_credentials, tls_context
 from ..exceptions import APIConnectionError
 from ..log import logger
 from ..rendering.failover import AvatarState, OnStateChanged
-from .base import Attach, LiveKitKeys, RemoteAvatar, push_gesture, route_audio_to
+from .base import (
+    LIMIT_BACKSTOP,
+    Attach,
+    LiveKitKeys,
+    RemoteAvatar,
+    end_at_limit,
+    push_gesture,
+    route_audio_to,
+)
 from .relay import AvatarRelay
 
 if TYPE_CHECKING:
@@ -41,8 +50,11 @@ class ServiceBackend:
         service_url: str,
         service_key: str | None,
         retry: RetryPolicy,
+        max_session_seconds: float | None = None,
     ) -> None:
         self.avatar = avatar
+        self._limit = max_session_seconds
+        self._guard: asyncio.Task[None] | None = None
         self.service_url, self._service_key = service_url, service_key
         self._retry = retry
         self._room: rtc.Room | None = None
@@ -86,6 +98,7 @@ class ServiceBackend:
                 livekit_token=token,
                 room_name=room.name,
                 retry=self._retry,
+                max_session_seconds=self._limit + LIMIT_BACKSTOP if self._limit else None,
             )
 
         await launch()
@@ -98,23 +111,31 @@ class ServiceBackend:
             relaunch=launch,
             on_state_changed=self.on_state_changed,
         )
+        if self._limit:
+            self._guard = asyncio.create_task(end_at_limit(self._limit, self._relay, self._leave))
         logger.info("avatar %s renders remotely as %s", avatar.agent_id, avatar.identity)
 
     async def push(self, control: VideoControl) -> None:
         await push_gesture(self._room, self.avatar.identity, control, "participant")
 
-    async def aclose(self) -> None:
-        relay, self._relay = self._relay, None
-        if relay is not None:  # first: the avatar leaving now is no failure
-            await relay.aclose()
+    async def _leave(self) -> None:
         if self._room is not None:
-            room, self._room = self._room, None
             await leave(
                 service_url=self.service_url,
                 service_key=self._service_key,
                 agent_id=self.avatar.agent_id,
-                room_name=room.name,
+                room_name=self._room.name,
             )
+
+    async def aclose(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None and guard is not asyncio.current_task():
+            guard.cancel()
+        relay, self._relay = self._relay, None
+        if relay is not None:  # first: the avatar leaving now is no failure
+            await relay.aclose()
+        await self._leave()
+        self._room = None
 
 
 def avatar_token(
@@ -146,6 +167,7 @@ async def launch_avatar(
     room_name: str,
     retry: RetryPolicy,
     timeout: float = 60.0,
+    max_session_seconds: float | None = None,
 ) -> dict[str, Any]:
     """POST the launch request; retries transient failures, raises typed errors otherwise."""
     body: dict[str, Any] = {
@@ -157,6 +179,8 @@ async def launch_avatar(
     }
     if model:
         body["model"] = model
+    if max_session_seconds:
+        body["max_session_seconds"] = max_session_seconds
     headers = {"authorization": f"Bearer {service_key}"} if service_key else {}
     url = service_url.rstrip("/") + "/v1/runtime-tokens/request"
 

@@ -95,6 +95,7 @@ async def _start_worker(ctx: JobContext, job: AvatarJob) -> Any:
         model=job.model,
         listen_to=job.listen_to,
         allow_gestures_from=job.allow_gestures_from,
+        max_session_seconds=job.max_session_seconds,
         opener=_process_opener(ctx.proc.userdata),
         room_factory=lambda: room,
     )
@@ -120,20 +121,26 @@ class _JobMetrics:
             made["late"] = Counter(
                 "avatarhub_job_frames_dropped", "frames more than one frame period late"
             )
+            made["rendered"] = Counter(
+                "avatarhub_job_rendered_seconds",
+                "time the avatar jobs' runtimes rendered, idle frames included (billed time)",
+            )
             made["lag"] = Gauge(
                 "avatarhub_job_render_lag_seconds",
                 "render lag of avatar jobs",
                 multiprocess_mode="max",
             )
         self.frames, self.late, self.lag = made["frames"], made["late"], made["lag"]
-        self._seen = (0, 0)
+        self.rendered = made["rendered"]
+        self._seen = (0, 0, 0.0)
 
     def update(self, stats: Any) -> None:
-        frames, late = stats.frames, stats.late
+        frames, late, rendered = stats.frames, stats.late, stats.rendered_seconds
         self.frames.inc(frames - self._seen[0])
         self.late.inc(late - self._seen[1])
+        self.rendered.inc(rendered - self._seen[2])
         self.lag.set(stats.lag)
-        self._seen = (frames, late)
+        self._seen = (frames, late, rendered)
 
 
 async def _report(worker: Any, agent_id: str, every: float) -> None:
@@ -236,7 +243,7 @@ def worker_options(
 
 def main(argv: list[str]) -> int:
     """``worker [--agent-name NAME] [--max-avatars N] [--prometheus-port P] [--http-port P]
-    [--allow-gestures-from IDENTITY] start|dev|...``:
+    [--allow-gestures-from IDENTITY] [--max-session-seconds S] start|dev|...``:
     LiveKit's worker CLI, with LiveKit's own Prometheus metrics where it has them."""
     import argparse
 
@@ -249,7 +256,14 @@ def main(argv: list[str]) -> int:
     # LiveKit's health-check server (8081 by default): a second worker on one machine needs another
     parser.add_argument("--http-port", type=int, default=None)
     parser.add_argument("--allow-gestures-from", action="append", default=[])
+    parser.add_argument("--max-session-seconds", default=None)
     ours, rest = parser.parse_known_args(argv)
+    if ours.max_session_seconds is not None:
+        try:  # job processes read it from the environment
+            protocol.limit_sessions(ours.max_session_seconds)
+        except ConfigurationError as err:
+            print(f"error: --max-session-seconds: {err}", file=sys.stderr)
+            return 2
     if ours.max_avatars is not None and ours.max_avatars < 1:
         print("error: --max-avatars must be at least 1", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ from livekit.agents.voice.avatar import AudioReceiver, AvatarRunner
 
 from livekit import rtc
 
-from ..config import livekit_settings
+from ..config import livekit_settings, session_limit_setting, tighter
 from ..exceptions import AvatarHubError
 from ..log import logger
 from ..rendering.failover import AvatarState, AvatarStateChanged, Failover
@@ -40,11 +40,16 @@ from ..rendering.generator import FrameStats, RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar
 from ..rendering.publish import VideoPublishOptions, avatar_runner, close_runner, unpublish_all
 from ..rendering.runtime import AvatarRuntime
-from .protocol import RPC_NOT_ALLOWED, RPC_TRIGGER_DYNAMICS, gesture_callers, handle
+from .protocol import (
+    DEFAULT_IDLE_TIMEOUT,
+    RPC_NOT_ALLOWED,
+    RPC_TRIGGER_DYNAMICS,
+    gesture_callers,
+    handle,
+)
 from .server_api import http_url, same_server
 from .tokens import token_claims, token_room
 
-DEFAULT_IDLE_TIMEOUT = 300.0
 #: what LiveKit's bithuman plugin puts in the avatar token's attributes besides the agent's id
 _LEAKED_ATTRIBUTES = ("api_secret",)
 
@@ -74,8 +79,12 @@ class AvatarWorker:
         video_options: VideoPublishOptions | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         allow_gestures_from: Iterable[str] = (),
+        max_session_seconds: float | None = None,
     ) -> None:
         self.agent_id = agent_id
+        #: leave after this long: the request's limit, within the operator's
+        #: (``AVATARHUB_MAX_SESSION_SECONDS``, ``--max-session-seconds``)
+        self.max_session_seconds = tighter(max_session_seconds, session_limit_setting())
         self.model = model
         self.listen_to = listen_to
         self.participant_name = participant_name
@@ -93,6 +102,7 @@ class AvatarWorker:
         self.avatar_state_reason: str | None = None
         self._generator: RuntimeVideoGenerator | None = None
         self._idle: asyncio.Task[None] | None = None
+        self._limit: asyncio.Task[None] | None = None
         self._room_url = room_url
         self._token = token
         self._opener = opener
@@ -144,6 +154,15 @@ class AvatarWorker:
         self._watch = asyncio.create_task(self._run(), name=f"avatar-{self.agent_id}")
         if self.idle_timeout > 0:
             self._idle = asyncio.create_task(self._leave_when_idle())
+        if self.max_session_seconds:
+            self._limit = asyncio.create_task(self._leave_at_limit(self.max_session_seconds))
+
+    async def _leave_at_limit(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        logger.info(
+            "avatar %s leaves: its session limit of %g s was reached", self.agent_id, seconds
+        )
+        await self.stop()
 
     async def _reopen(self) -> AvatarRuntime:
         """The runtime failed: free it and load the avatar again (from the model cache)."""
@@ -371,9 +390,11 @@ class AvatarWorker:
     async def _cleanup(self) -> None:
         if self._generator is not None:
             await self._generator.aclose()  # no runtime reopened from now on
-        idle, self._idle = self._idle, None
-        if idle is not None and idle is not asyncio.current_task():
-            idle.cancel()
+        for name in ("_idle", "_limit"):
+            task = getattr(self, name)
+            setattr(self, name, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         runner, self._runner = self._runner, None
         if runner is not None:
             await close_runner(runner)

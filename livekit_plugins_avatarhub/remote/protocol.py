@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import env_or
+from ..config import MAX_SECONDS, env_or
 from ..exceptions import AvatarHubError, ConfigurationError
 from ..ids import check_avatar, check_model
 
@@ -36,6 +36,8 @@ from ..ids import check_avatar, check_model
 DEFAULT_AGENT_NAME = "avatarhub-avatar"
 #: where LiveKit's bithuman plugin sends speech
 DEFAULT_IDENTITY = "bithuman-avatar-agent"
+#: seconds with nobody but agents in the room before an avatar stops (leaves, when remote)
+DEFAULT_IDLE_TIMEOUT = 300.0
 _TEXT_LIMIT = 256
 
 #: bitHuman's cloud dynamics RPC, answered by the avatar participant
@@ -78,6 +80,35 @@ def allow_gestures_from(values: Iterable[str]) -> None:
         os.environ["AVATARHUB_ALLOW_GESTURES_FROM"] = ",".join(sorted(gesture_callers(given)))
 
 
+_NOT_TEXT = ("agent_id", "allow_gestures_from", "max_session_seconds")
+
+
+def session_limit(value: Any, where: str) -> float:
+    """A requested session limit: seconds, more than 0 and at most a week."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value <= MAX_SECONDS
+    ):
+        raise ConfigurationError(
+            f"max_session_seconds in {where} must be a number of seconds from 1 to "
+            f"{MAX_SECONDS:g}; got {value!r}"
+        )
+    return float(value)
+
+
+def limit_sessions(seconds: str) -> None:
+    """``--max-session-seconds``: every avatar of this process and its job processes leaves
+    after that long (``AVATARHUB_MAX_SESSION_SECONDS``, which they read)."""
+    import os
+
+    from ..config import seconds_setting
+
+    limit = seconds_setting(seconds, "", "--max-session-seconds", default=None)
+    if limit:
+        os.environ["AVATARHUB_MAX_SESSION_SECONDS"] = f"{limit:g}"
+
+
 @dataclass(frozen=True)
 class AvatarJob:
     """What one dispatched avatar renders, for whom, and as whom."""
@@ -90,6 +121,8 @@ class AvatarJob:
     listen_to: str | None = None
     #: identities besides the served one that may trigger gestures
     allow_gestures_from: tuple[str, ...] = ()
+    #: the avatar leaves after this long (within the worker's own limit)
+    max_session_seconds: float | None = None
 
     @classmethod
     def parse(cls, metadata: str | None) -> AvatarJob:
@@ -113,6 +146,8 @@ class AvatarJob:
         except ValueError as err:
             raise ConfigurationError(f"the avatar job's agent_id: {err}") from None
         fields: dict[str, Any] = {"agent_id": agent_id}
+        if raw.get("max_session_seconds") is not None:
+            fields["max_session_seconds"] = session_limit(raw["max_session_seconds"], "the job")
         allowed = raw.get("allow_gestures_from")
         if allowed is not None:
             if (
@@ -128,7 +163,7 @@ class AvatarJob:
                 )
             fields["allow_gestures_from"] = tuple(allowed)
         for name in cls.__dataclass_fields__:
-            if name in ("agent_id", "allow_gestures_from") or raw.get(name) is None:
+            if name in _NOT_TEXT or raw.get(name) is None:
                 continue
             value = raw[name]
             if not isinstance(value, str) or not value.strip() or len(value) > _TEXT_LIMIT:

@@ -92,13 +92,19 @@ class FrameStats:
 
     Plain counters updated once per frame (read by the metrics, never locked)."""
 
-    __slots__ = ("frames", "lag", "late", "stale")
+    __slots__ = ("fps", "frames", "lag", "late", "stale")
 
-    def __init__(self) -> None:
+    def __init__(self, fps: int = 25) -> None:
+        self.fps = fps
         self.frames = 0
         self.late = 0
         self.stale = 0  # catch-up pictures not sent (their audio was)
         self.lag = 0.0
+
+    @property
+    def rendered_seconds(self) -> float:
+        """Time the runtime has rendered (what bitHuman bills, idle frames included)."""
+        return self.frames / self.fps if self.fps else 0.0
 
 
 class RuntimeVideoGenerator(VideoGenerator):
@@ -126,7 +132,7 @@ class RuntimeVideoGenerator(VideoGenerator):
         self._sample_rate = int(runtime.settings.INPUT_SAMPLE_RATE)
         ring = int(self._fps * SYNC_QUEUE_MS / 1000) + RING_SPARE
         self._convert = FrameConverter(width, height, ring)
-        self.stats = FrameStats()
+        self.stats = FrameStats(self._fps)
         self._failover = failover or Failover()
         self._still = still  # BGR: shown while the speech goes on without the runtime
         self._pending = PendingAudio()
@@ -139,6 +145,9 @@ class RuntimeVideoGenerator(VideoGenerator):
         self._failed_at = 0.0
         self._back_at: float | None = None  # when a reopened runtime last took over
         self._attempts = 0  # to bring the runtime back, since it last rendered for a while
+        self._retired: str | None = None  # why rendering was stopped on purpose
+        self._off_runtime = asyncio.Event()  # set while the stream reads no runtime
+        self._off_runtime.set()
 
     @classmethod
     async def create(
@@ -267,6 +276,7 @@ class RuntimeVideoGenerator(VideoGenerator):
             timer[0] = loop.call_later(stall / 4, check, now + stall / 4)
 
         self._broken, self._wake = None, frames
+        self._off_runtime.clear()
         reader = asyncio.create_task(read(), name="avatarhub-runtime-frames")
         timer = [loop.call_later(stall / 4, check, time.monotonic() + stall / 4)]
         try:
@@ -279,6 +289,7 @@ class RuntimeVideoGenerator(VideoGenerator):
             self._wake = None
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+            self._off_runtime.set()
 
     def _give_up_runtime(self, reason: str) -> None:
         if self._broken is None and not self._stopping:
@@ -291,7 +302,36 @@ class RuntimeVideoGenerator(VideoGenerator):
         if wake is not None and wake.empty():
             wake.put_nowait(_WAKE)
 
+    async def retire(self, reason: str) -> None:
+        """Stop rendering on purpose (a cost guard): the speech goes on as plain audio, no
+        runtime is reopened, and once this returns the runtime is no longer read, so its
+        owner may free it. :meth:`resume` renders again."""
+        self._retired = reason
+        recovery, self._recovery = self._recovery, None
+        if recovery is not None:
+            recovery.cancel()
+        self._replacement = None
+        if self._state == "rendering":
+            self._give_up_runtime(reason)
+            await self._off_runtime.wait()
+            if self._state == "rendering":  # the stream was not running: say so here
+                self._set_state("audio_only", reason)
+        elif self._state == "recovering":
+            self._set_state("audio_only", reason)
+
+    def resume(self, reason: str) -> None:
+        """Render again after :meth:`retire`: reopen the runtime, take over between replies."""
+        if self._retired is None or self._failover.reopen is None or self._stopping:
+            return
+        self._retired, self._attempts = None, 0
+        self._set_state("recovering", reason)
+        self._recovery = asyncio.create_task(self._recover(), name="avatarhub-recover")
+
     def _fail(self, reason: str) -> None:
+        if self._retired is not None:
+            if self._state == "rendering":  # retire() may have said it already
+                self._set_state("audio_only", self._retired)
+            return
         self._failed_at = now = time.monotonic()
         if self._back_at is None or now - self._back_at > HEALTHY_SECONDS:
             self._attempts = 0  # a runtime that failed again at once used an attempt
@@ -304,6 +344,8 @@ class RuntimeVideoGenerator(VideoGenerator):
         old, self._state = self._state, new
         if new == "rendering":
             logger.info("the avatar renders again: %s", reason)
+        elif self._retired is not None or (new == "recovering" and old == "audio_only"):
+            logger.info("the avatar: %s", reason)
         elif old == "rendering":
             logger.warning(
                 "the avatar stopped rendering (%s); the agent's speech goes on as plain audio%s",

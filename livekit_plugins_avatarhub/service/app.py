@@ -19,10 +19,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..exceptions import CLOUD_PLUGIN_HINT, AvatarHubError
+from ..exceptions import CLOUD_PLUGIN_HINT, AvatarHubError, ConfigurationError
 from ..ids import check_avatar, check_model
 from ..log import logger
-from ..remote.participant import DEFAULT_IDLE_TIMEOUT
+from ..remote.protocol import DEFAULT_IDLE_TIMEOUT, session_limit
 from ..remote.tokens import token_identity, token_room
 from .manager import AvatarManager, CapacityError, WorkerInfo, WorkerManager
 from .metrics import ServiceMetrics
@@ -253,8 +253,20 @@ async def join_room(request: web.Request) -> web.Response:
         model=_model(body.get("model")),
         listen_to=listen_to,
         participant_name=name,
+        **_limit(body),
     )
     return _joined(info, created)
+
+
+def _limit(body: dict[str, Any]) -> dict[str, float]:
+    """The request's ``max_session_seconds``, checked (the workers' own limit still holds)."""
+    value = body.get("max_session_seconds")
+    if value is None:
+        return {}
+    try:
+        return {"max_session_seconds": session_limit(value, "the request")}
+    except ConfigurationError as err:
+        raise _Invalid(str(err)) from None
 
 
 def _joined(info: WorkerInfo, created: bool) -> web.Response:
@@ -316,6 +328,7 @@ async def launch(request: web.Request) -> web.Response:
         room_url=room_url,
         token=token,
         model=_model(body.get("model")),
+        **_limit(body),
     )
     if background:  # async_mode=true: answer now; the worker list shows how the start went
         task = asyncio.get_running_loop().create_task(join)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from ..config import session_limit_setting, tighter
 from ..remote.dispatcher import AvatarDispatcher
 from ..remote.protocol import AvatarJob, gesture_callers
 from ..remote.tokens import token_claims
@@ -44,6 +45,7 @@ class DispatchManager:
         model: str | None = None,
         listen_to: str | None = None,
         participant_name: str | None = None,
+        max_session_seconds: float | None = None,
     ) -> tuple[WorkerInfo, bool]:
         """Dispatch the avatar, as the participant the client's token describes."""
         claims = token_claims(token)
@@ -59,6 +61,8 @@ class DispatchManager:
             publish_on_behalf=behalf if isinstance(behalf, str) and not listen_to else None,
             listen_to=listen_to,
             allow_gestures_from=tuple(sorted(gesture_callers())),  # serve's, for the worker
+            # the request's limit within serve's own (the worker applies its own too)
+            max_session_seconds=tighter(max_session_seconds, session_limit_setting()),
         )
         dispatch_id, created = await self.dispatcher.ensure(room, job)
         info = WorkerInfo(

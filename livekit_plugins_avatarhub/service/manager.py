@@ -46,6 +46,7 @@ class WorkerInfo:
         if status == "connected" and worker is not None and worker.reconnecting:
             status = "reconnecting"
         live = worker if status in ("connected", "reconnecting") else None
+        stats = worker.frame_stats if worker is not None else None
         return {
             "agent_id": self.agent_id,
             "room_name": self.room,
@@ -56,6 +57,8 @@ class WorkerInfo:
             "error": self.error or (live.avatar_state_reason if live else None),
             # the avatar may be down while its participant speaks on as plain audio
             "avatar_state": live.avatar_state if live else None,
+            # what bitHuman bills: the time its runtime rendered, idle frames included
+            "rendered_seconds": round(stats.rendered_seconds, 2) if stats is not None else 0.0,
             "listen_to": self.listen_to,
             "warnings": list(self.warnings),
             **({"dispatch_id": self.dispatch_id} if self.dispatch_id else {}),
@@ -106,6 +109,7 @@ class AvatarManager(Protocol):
         model: str | None = None,
         listen_to: str | None = None,
         participant_name: str | None = None,
+        max_session_seconds: float | None = None,
     ) -> tuple[WorkerInfo, bool]: ...
     async def leave(self, agent_id: str, room: str | None = None) -> list[WorkerInfo]: ...
     async def aclose(self) -> None: ...
@@ -146,6 +150,7 @@ class WorkerManager:
         model: str | None = None,
         listen_to: str | None = None,
         participant_name: str | None = None,
+        max_session_seconds: float | None = None,
     ) -> tuple[WorkerInfo, bool]:
         """Start the avatar in ``room`` unless it already runs there; returns (info, created).
 
@@ -182,6 +187,7 @@ class WorkerManager:
             model=model,
             listen_to=listen_to,
             participant_name=participant_name,
+            **({"max_session_seconds": max_session_seconds} if max_session_seconds else {}),
         )
         start.task = asyncio.current_task()
         try:

@@ -39,8 +39,9 @@ class ServiceMetrics:
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
             registry=self.registry,
         )
-        self._retired = [0, 0]  # frames and late frames of workers that have stopped
-        self._seen: dict[int, tuple[int, int]] = {}
+        # frames, late frames and rendered seconds of workers that have stopped
+        self._retired = [0, 0, 0.0]
+        self._seen: dict[int, tuple[int, int, float]] = {}
         self.registry.register(_WorkerCollector(self))
 
     def joined(self, created: bool, seconds: float) -> None:
@@ -51,24 +52,27 @@ class ServiceMetrics:
     def failed(self) -> None:
         self.joins.labels("failed").inc()
 
-    def frames(self) -> tuple[int, int, float]:
-        """(published, late, worst current lag) over every worker this service has run."""
-        live: dict[int, tuple[int, int]] = {}
+    def frames(self) -> tuple[int, int, float, float]:
+        """(published, late, worst current lag, rendered seconds) over every worker this
+        service has run."""
+        live: dict[int, tuple[int, int, float]] = {}
         lag = 0.0
         for info in self._manager.workers():
             stats = info.worker.frame_stats if info.worker is not None else None
             if stats is not None:
-                live[id(stats)] = (stats.frames, stats.late)
+                live[id(stats)] = (stats.frames, stats.late, stats.rendered_seconds)
                 lag = max(lag, stats.lag)
-        for key, (frames, late) in self._seen.items():
+        for key, (frames, late, seconds) in self._seen.items():
             if key not in live:  # that worker has gone: keep what it published
                 self._retired[0] += frames
                 self._retired[1] += late
+                self._retired[2] += seconds
         self._seen = live
         return (
-            self._retired[0] + sum(f for f, _ in live.values()),
-            self._retired[1] + sum(late for _, late in live.values()),
+            int(self._retired[0]) + sum(v[0] for v in live.values()),
+            int(self._retired[1]) + sum(v[1] for v in live.values()),
             lag,
+            self._retired[2] + sum(v[2] for v in live.values()),
         )
 
     def by_state(self) -> dict[str, int]:
@@ -83,7 +87,7 @@ class ServiceMetrics:
 
     def summary(self) -> str:
         states = ", ".join(f"{n} {s}" for s, n in self.by_state().items() if n)
-        published, late, lag = self.frames()
+        published, late, lag, _ = self.frames()
         joins = {
             s.labels["result"]: int(s.value)
             for m in self.joins.collect()
@@ -116,9 +120,14 @@ class _WorkerCollector:
         for state, count in self._metrics.by_state().items():
             states.add_metric([state], count)
         yield states
-        published, late, lag = self._metrics.frames()
+        published, late, lag, rendered = self._metrics.frames()
         yield CounterMetricFamily(
             "avatarhub_frames_published", "video frames published", value=published
+        )
+        yield CounterMetricFamily(
+            "avatarhub_rendered_seconds",
+            "time the avatars' runtimes rendered, idle frames included (what bitHuman bills)",
+            value=rendered,
         )
         yield CounterMetricFamily(
             "avatarhub_frames_dropped",
