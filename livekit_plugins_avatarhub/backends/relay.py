@@ -29,6 +29,8 @@ from ..rendering.failover import AvatarState, AvatarStateChanged, OnStateChanged
 #: (Opus sends a packet at least every 400 ms even in silence)
 MEDIA_TIMEOUT = 0.6
 POLL = 0.1
+#: after LiveKit reconnected the agent, how long the avatar may take to be in the room again
+RECONNECT_GRACE = 5.0
 
 Relaunch = Callable[[], Awaitable[None]]
 
@@ -95,6 +97,7 @@ class AvatarRelay(AudioOutput):
         room.on("participant_connected", self._on_joined)
         room.on("participant_disconnected", self._on_left)
         room.on("track_published", self._on_published)
+        room.on("reconnected", self._on_reconnected)
         self._spawn(self._watch_media(), "avatarhub-avatar-watch")
 
     # -- the AudioOutput interface --------------------------------------------------------
@@ -162,8 +165,20 @@ class AvatarRelay(AudioOutput):
         self._in_segment, self._segment = False, []
 
     def _on_left(self, participant: rtc.RemoteParticipant) -> None:
-        if participant.identity == self._identity:
+        # while this side reconnects, everyone seems to leave and come back: not a failure
+        if participant.identity == self._identity and _connected(self._room):
             self._gone("the avatar left the room", stopped_ago=0.0)
+
+    def _on_reconnected(self, *_: Any) -> None:
+        """After LiveKit reconnected this side, the avatar has a while to be back too."""
+
+        async def check() -> None:
+            await asyncio.sleep(RECONNECT_GRACE)
+            if self._identity not in self._room.remote_participants:
+                self._gone("the avatar did not come back after LiveKit reconnected", stopped_ago=0)
+
+        if self._remote is not None:
+            self._spawn(check(), "avatarhub-avatar-after-reconnect")
 
     def _on_joined(self, participant: rtc.RemoteParticipant) -> None:
         if self._ask_when_joined and participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
@@ -185,11 +200,15 @@ class AvatarRelay(AudioOutput):
                 task.cancel()
 
     def _on_published(self, publication: Any, participant: rtc.RemoteParticipant) -> None:
+        """The avatar publishes video: asked for again, or back by itself (after LiveKit
+        itself came back, say), it takes the speech again."""
         if (
             participant.identity == self._identity
             and publication.kind == rtc.TrackKind.KIND_VIDEO
-            and self.state == "recovering"
+            and self._remote is None
+            and not self._retired
         ):
+            self._ask_when_joined = False
             self._back = True
             if not self._in_segment:
                 self._take_back()
@@ -202,8 +221,8 @@ class AvatarRelay(AudioOutput):
         while True:
             await asyncio.sleep(POLL)
             now = time.monotonic()
-            if self._remote is None or not self._in_segment:
-                last, since = None, now
+            if self._remote is None or not self._in_segment or not _connected(self._room):
+                last, since = None, now  # (nothing arrives from anyone while reconnecting)
                 continue
             playing_since = self._started_at or self._first_at + self._media_timeout
             received = await self._received()
@@ -319,11 +338,17 @@ class AvatarRelay(AudioOutput):
         self._room.off("participant_connected", self._on_joined)
         self._room.off("participant_disconnected", self._on_left)
         self._room.off("track_published", self._on_published)
+        self._room.off("reconnected", self._on_reconnected)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._plain is not None:
             await self._plain.aclose()
+
+
+def _connected(room: rtc.Room) -> bool:
+    state = getattr(room, "connection_state", rtc.ConnectionState.CONN_CONNECTED)
+    return bool(state == rtc.ConnectionState.CONN_CONNECTED)
 
 
 def _alone(room: rtc.Room) -> bool:

@@ -151,7 +151,8 @@ async def close_runner(runner: Any) -> None:
 async def _unpublish(runner: Any, timeout: float = 5.0) -> None:
     """Take the runner's own tracks out of the room (an agent's room stays, and so would a
     frozen avatar track in it); see :func:`unpublish_all` for what leaving them costs."""
-    participant = _local_participant(getattr(runner, "_room", None))
+    room = getattr(runner, "_room", None)
+    participant = _local_participant(room) if _connected(room) else None
     for name in ("_video_publication", "_audio_publication"):
         publication = getattr(runner, name, None)
         if publication is None or participant is None:
@@ -169,6 +170,8 @@ async def unpublish_all(room: Any, timeout: float = 5.0) -> None:
     audio and video still published keeps about 0.8 MB of native memory for good, per room;
     unpublished first, nothing. A service that hosts avatar after avatar paid it every time.
     """
+    if not _connected(room):  # the server closed the room: nothing is published any more,
+        return  # and each unpublish would wait out its timeout
     participant = _local_participant(room)
     publications = getattr(participant, "track_publications", None) or {}
     for sid in list(publications):
@@ -176,6 +179,13 @@ async def unpublish_all(room: Any, timeout: float = 5.0) -> None:
             await asyncio.wait_for(participant.unpublish_track(sid), timeout)
         except Exception as err:  # already gone, or the connection is: nothing more to free
             logger.debug("unpublishing %s: %s", sid, err)
+
+
+def _connected(room: Any) -> bool:
+    try:
+        return bool(room is not None and room.isconnected())
+    except Exception:
+        return False
 
 
 def _local_participant(room: Any) -> Any:
