@@ -20,7 +20,7 @@ from livekit_plugins_avatarhub.rendering.failover import PendingAudio
 from conftest import SECRET
 from fakes import FakeRoom, sine_frames
 
-REPLY = 3.0  # seconds of speech
+REPLY = 2.0  # seconds of speech
 RATE = 16000
 
 
@@ -46,7 +46,11 @@ class Heard:
 
 @pytest.fixture
 def crashable(fake_bithuman, monkeypatch):
-    """The runtime double, with ``crash(runtime, ...)`` able to break a run in progress."""
+    """The runtime double, with ``crash(runtime, ...)`` able to break a run in progress; the
+    attempts to bring it back come 50 ms apart instead of 0.5, 1 and 2 s."""
+    from livekit_plugins_avatarhub.rendering.failover import Failover
+
+    monkeypatch.setattr(Failover, "delay", lambda self, attempt: 0.05)
     original = fake_bithuman.run
 
     async def run(self):
@@ -121,7 +125,7 @@ async def test_a_runtime_failing_mid_reply_leaves_the_whole_reply_heard(how, mod
         await listen(room, heard, readers)
         await asyncio.sleep(1.0)
         handle = session.say("a long answer", audio=sine_frames(REPLY))
-        crash(first, after_frames=25, how=how)  # about a second into the reply
+        crash(first, after_frames=20, how=how)  # most of a second into the reply
         await asyncio.wait_for(handle.wait_for_playout(), 15)
         assert not handle.interrupted
         await until(lambda: avatar.avatar_state == "rendering" and len(events) == 2)

@@ -25,7 +25,7 @@ from livekit_real import ADAPTS_RESOLUTION, REQUIRED, Subscriber
 from real_processes import avatar_service, join_room
 from test_real_join_room import lk_join, speech_ogg  # noqa: F401 (a fixture)
 
-pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
+pytestmark = [pytest.mark.livekit_real, pytest.mark.slow, pytest.mark.real_once]
 
 WEB = Path(__file__).resolve().parent / "web"
 CHROMIUM_FLAGS = [

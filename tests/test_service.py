@@ -217,7 +217,12 @@ async def test_a_worker_whose_runtime_crashes_is_listed_as_recovering_then_rende
     assert len(harness.runtimes) == 2 and harness.runtimes[1] is not first  # loaded again
 
 
-async def test_a_worker_whose_runtime_cannot_come_back_speaks_on_as_audio_only(avatar_service):
+async def test_a_worker_whose_runtime_cannot_come_back_speaks_on_as_audio_only(
+    avatar_service, monkeypatch
+):
+    from livekit_plugins_avatarhub.rendering.failover import Failover
+
+    monkeypatch.setattr(Failover, "delay", lambda self, attempt: 0.05)  # not 0.5, 1 and 2 s
     client, harness, _ = avatar_service
     opened = harness.open
 
