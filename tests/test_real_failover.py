@@ -180,6 +180,9 @@ async def test_the_reply_goes_on_when_the_avatar_worker_dies(real_livekit, tmp_p
             sub.record(plain)
             returned = await back_in_room(sub, avatar.identity, avatar.sid, 60)
             returned_at = time.monotonic()
+            print(
+                f"worker killed: the avatar back on the other worker {returned_at - killed_at:.2f} s later"
+            )
             sub.record(returned)
             await until(lambda: "said sample 1" in agent.text(), 90, "both replies")
             await asyncio.sleep(0.5)
