@@ -125,6 +125,17 @@ async def test_an_agents_avatar_comes_back_after_the_server_restarts(tmp_path, m
             sub.record(avatar)
             await until(lambda: len(sub.video) > 25, 20, "the avatar's video")
             before = {p.sid for p in avatar.track_publications.values()}
+
+            def replying() -> bool:  # the crash is to cut a reply streaming to the avatar
+                said = [
+                    r
+                    for r in agent.text().splitlines()
+                    if " speaking sample " in r or " said sample " in r
+                ]
+                return bool(said) and " speaking sample " in said[-1]
+
+            await until(replying, 30, "a reply in progress")
+            await asyncio.sleep(1.5)
             crash(server)
             await asyncio.sleep(2)
             await asyncio.to_thread(server.start)

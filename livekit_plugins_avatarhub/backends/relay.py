@@ -97,7 +97,9 @@ class AvatarRelay(AudioOutput):
         room.on("participant_connected", self._on_joined)
         room.on("participant_disconnected", self._on_left)
         room.on("track_published", self._on_published)
+        room.on("reconnecting", self._on_reconnecting)
         room.on("reconnected", self._on_reconnected)
+        self._reconnecting_at: float | None = None
         self._spawn(self._watch_media(), "avatarhub-avatar-watch")
 
     # -- the AudioOutput interface --------------------------------------------------------
@@ -169,15 +171,26 @@ class AvatarRelay(AudioOutput):
         if participant.identity == self._identity and _connected(self._room):
             self._gone("the avatar left the room", stopped_ago=0.0)
 
+    def _on_reconnecting(self, *_: Any) -> None:
+        self._reconnecting_at = time.monotonic()
+
     def _on_reconnected(self, *_: Any) -> None:
-        """After LiveKit reconnected this side, the avatar has a while to be back too."""
+        """After LiveKit reconnected this side, the avatar has a while to be back too. A reply
+        that was streaming to it was cut with the connection (it would never be reported
+        played): its rest goes out as plain audio, and the next reply to the avatar again."""
+        since, self._reconnecting_at = self._reconnecting_at, None
+        if self._remote is not None and self._in_segment:
+            self._detach()
+            self._replay_rest(time.monotonic() - (since or time.monotonic()))
+            self._back = True  # a fresh stream to the avatar from the next reply on
 
         async def check() -> None:
             await asyncio.sleep(RECONNECT_GRACE)
             if self._identity not in self._room.remote_participants:
+                self._back = False
                 self._gone("the avatar did not come back after LiveKit reconnected", stopped_ago=0)
 
-        if self._remote is not None:
+        if self._remote is not None or self._back:
             self._spawn(check(), "avatarhub-avatar-after-reconnect")
 
     def _on_joined(self, participant: rtc.RemoteParticipant) -> None:
@@ -266,24 +279,28 @@ class AvatarRelay(AudioOutput):
         if self._remote is None:
             return
         self._detach()
-        self._failed_at = now = time.monotonic()
+        self._failed_at = time.monotonic()
         ask = self._relaunch is not None and not self._retired
         if ask and _alone(self._room):  # an idle avatar's leave: nobody needs it until then
             ask, self._ask_when_joined = False, True
             reason += ", with nobody but agents in it"
         self._set_state("recovering" if ask else "audio_only", reason)
         if self._in_segment:  # the rest of this reply goes out as plain audio
-            start = self._started_at or self._first_at
-            played = max(0.0, now - stopped_ago - start)
-            plain = self._plain_audio()
-            plain.resume_at(played)
-            for frame in _after(self._segment, played):
-                plain.put(frame)
-            if self._flushed:
-                plain.end()
+            self._replay_rest(stopped_ago)
         if ask:
             assert self._relaunch is not None
             self._spawn(self._ask_again(self._relaunch), "avatarhub-avatar-relaunch")
+
+    def _replay_rest(self, stopped_ago: float) -> None:
+        """The part of the reply in progress the avatar did not play, as plain audio."""
+        start = self._started_at or self._first_at
+        played = max(0.0, time.monotonic() - stopped_ago - start)
+        plain = self._plain_audio()
+        plain.resume_at(played)
+        for frame in _after(self._segment, played):
+            plain.put(frame)
+        if self._flushed:
+            plain.end()
 
     async def _ask_again(self, relaunch: Relaunch) -> None:
         try:
@@ -296,8 +313,9 @@ class AvatarRelay(AudioOutput):
     def _take_back(self) -> None:
         self._back = False
         self._attach(datastream_output(self._room, self._identity))
-        outage = time.monotonic() - self._failed_at
-        self._set_state("rendering", f"the avatar is back after {outage:.1f} s")
+        if self.state != "rendering":  # (after a reconnect it never stopped being the avatar)
+            outage = time.monotonic() - self._failed_at
+            self._set_state("rendering", f"the avatar is back after {outage:.1f} s")
 
     def _set_state(self, new: AvatarState, reason: str) -> None:
         old, self.state = self.state, new
@@ -338,6 +356,7 @@ class AvatarRelay(AudioOutput):
         self._room.off("participant_connected", self._on_joined)
         self._room.off("participant_disconnected", self._on_left)
         self._room.off("track_published", self._on_published)
+        self._room.off("reconnecting", self._on_reconnecting)
         self._room.off("reconnected", self._on_reconnected)
         for task in list(self._tasks):
             task.cancel()

@@ -316,7 +316,18 @@ class AvatarWorker:
                 "participant's audio",
                 self.agent_id,
             )
-        return DataStreamAudioReceiver(self.room, sender_identity=self.serves)
+        from .receiver import LastingReceiver
+
+        room, serves = self.room, self.serves
+
+        def listen() -> AudioReceiver:
+            # a broken receiver leaves its byte stream handler behind: a new one needs the topic
+            unregister = getattr(room, "unregister_byte_stream_handler", None)
+            if unregister is not None:
+                unregister(AUDIO_STREAM_TOPIC)
+            return DataStreamAudioReceiver(room, sender_identity=serves)
+
+        return LastingReceiver(listen)
 
     async def _run(self) -> None:
         assert self._runner is not None
@@ -411,6 +422,10 @@ class AvatarWorker:
             await room.disconnect()
         if not self.stopped.done():
             self.stopped.set_result(None)
+
+
+#: the DataStream topic of the agent's speech (the same in every livekit-agents 1.x)
+AUDIO_STREAM_TOPIC = "lk.audio_stream"
 
 
 def _on_behalf_of(me: Any) -> str | None:
