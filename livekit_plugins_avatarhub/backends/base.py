@@ -148,6 +148,17 @@ async def end_at_limit(
         logger.debug("sending the avatar away at its session limit: %s", err)
 
 
+async def stop_speaking_to_avatar(
+    guard: asyncio.Task[None] | None, relay: AvatarRelay | None
+) -> None:
+    """A remote backend's close, first of all: no session limit fires, and the relay lets go
+    before the avatar is sent away (its leaving is then no failure)."""
+    if guard is not None and guard is not asyncio.current_task():
+        guard.cancel()
+    if relay is not None:
+        await relay.aclose()
+
+
 async def avatar_joined(room: rtc.Room, identity: str) -> None:
     """Until ``identity`` is in the room (an avatar publishing on our behalf)."""
     if identity in room.remote_participants:

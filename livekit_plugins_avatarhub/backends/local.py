@@ -26,6 +26,7 @@ from ..rendering.publish import VideoPublishOptions, avatar_runner, close_runner
 from ..rendering.runtime import AvatarRuntime, renew_for_job
 from ..rendering.source import AvatarSource
 from .base import Attach, LiveKitKeys
+from .relay import nobody_but_agents
 
 if TYPE_CHECKING:
     from bithuman import VideoControl
@@ -186,7 +187,7 @@ class LocalBackend:
         while True:
             await asyncio.sleep(check)
             now = loop.time()
-            if not _alone(room):
+            if not nobody_but_agents(room):
                 alone_since = None
                 if paused and self.generator is not None:
                     paused = False
@@ -230,12 +231,6 @@ class LocalBackend:
             position = float(getattr(runner, "_playback_position", 0.0) or 0.0)
             _compat.finish_interrupted_playback(self._audio_sink, position)
         await self._release_runtime()
-
-
-def _alone(room: rtc.Room) -> bool:
-    """No one in the room but agents (this one, a second agent, an avatar)."""
-    agent = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-    return all(p.kind == agent for p in room.remote_participants.values())
 
 
 def answer_in_process(participant: rtc.LocalParticipant, push: Push) -> Callable[[], None]:

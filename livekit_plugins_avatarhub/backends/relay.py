@@ -281,7 +281,7 @@ class AvatarRelay(AudioOutput):
         self._detach()
         self._failed_at = time.monotonic()
         ask = self._relaunch is not None and not self._retired
-        if ask and _alone(self._room):  # an idle avatar's leave: nobody needs it until then
+        if ask and nobody_but_agents(self._room):  # an idle leave: wait for an audience
             ask, self._ask_when_joined = False, True
             reason += ", with nobody but agents in it"
         self._set_state("recovering" if ask else "audio_only", reason)
@@ -370,8 +370,8 @@ def _connected(room: rtc.Room) -> bool:
     return bool(state == rtc.ConnectionState.CONN_CONNECTED)
 
 
-def _alone(room: rtc.Room) -> bool:
-    """Nobody in the room but agents (the avatar, being one, included)."""
+def nobody_but_agents(room: rtc.Room) -> bool:
+    """Nobody in the room but agents (this agent, a second one, an avatar): no audience."""
     agent = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
     return all(p.kind == agent for p in room.remote_participants.values())
 

@@ -30,6 +30,7 @@ from .base import (
     end_at_limit,
     push_gesture,
     route_audio_to,
+    stop_speaking_to_avatar,
 )
 from .relay import AvatarRelay
 
@@ -129,11 +130,8 @@ class ServiceBackend:
 
     async def aclose(self) -> None:
         guard, self._guard = self._guard, None
-        if guard is not None and guard is not asyncio.current_task():
-            guard.cancel()
         relay, self._relay = self._relay, None
-        if relay is not None:  # first: the avatar leaving now is no failure
-            await relay.aclose()
+        await stop_speaking_to_avatar(guard, relay)
         await self._leave()
         self._room = None
 
