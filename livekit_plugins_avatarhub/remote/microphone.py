@@ -98,5 +98,6 @@ class MicrophoneAudioReceiver(AudioReceiver):
     async def aclose(self) -> None:
         self._room.off("track_subscribed", self._on_track)
         self._ch.close()
-        if self._task is not None:
-            await utils.aio.cancel_and_wait(self._task)
+        task, self._task = self._task, None  # its CancelledError would hold this receiver
+        if task is not None:
+            await utils.aio.cancel_and_wait(task)

@@ -38,7 +38,7 @@ from ..log import logger
 from ..rendering.failover import AvatarState, AvatarStateChanged, Failover
 from ..rendering.generator import FrameStats, RuntimeVideoGenerator
 from ..rendering.loader import OpenedAvatar
-from ..rendering.publish import VideoPublishOptions, avatar_runner, close_runner, unpublish_all
+from ..rendering.publish import VideoPublishOptions, avatar_runner, close_runner, leave_room
 from ..rendering.runtime import AvatarRuntime
 from .protocol import (
     DEFAULT_IDLE_TIMEOUT,
@@ -392,9 +392,11 @@ class AvatarWorker:
 
     async def stop(self) -> None:
         self._closing = True
-        if self._watch is not None and not self._watch.done():
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        watch, self._watch = self._watch, None  # a cancelled task's error holds this worker
+        if watch is not None and not watch.done():
+            watch.cancel()
+            # not gather(): a stop() cancelled meanwhile must not cancel the cleanup under way
+            await asyncio.wait({watch})
         # a task cancelled before its first step never runs its ``finally``: clean up here too
         await self._cleanup()
 
@@ -418,8 +420,7 @@ class AvatarWorker:
             room.off("disconnected", self._on_disconnected)
             room.off("reconnecting", self._on_reconnecting)
             room.off("reconnected", self._on_reconnected)
-            await unpublish_all(room)
-            await room.disconnect()
+            await leave_room(room)
         if not self.stopped.done():
             self.stopped.set_result(None)
 

@@ -406,7 +406,9 @@ def default_manager(
             kwargs["room_factory"] = room_factory
         return AvatarWorker(opener=opener, idle_timeout=idle_timeout, **kwargs)
 
-    return WorkerManager(factory, max_workers=max_workers)
+    from .memory import collect_left_avatar
+
+    return WorkerManager(factory, max_workers=max_workers, on_avatar_gone=collect_left_avatar)
 
 
 async def serve(
@@ -432,15 +434,21 @@ async def serve(
         manager = DispatchManager(AvatarDispatcher(agent_name=agent_name))
         what = f"dispatching to LiveKit agent {manager.dispatcher.agent_name!r}"
     else:
+        from .memory import import_avatar_modules
+
         manager = default_manager(
             api_secret=api_secret, max_workers=max_workers, idle_timeout=idle_timeout
         )
         what = f"{max_workers} workers max"
+        await asyncio.to_thread(import_avatar_modules)
     app = create_app(manager, key=key)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
+    from .memory import freeze_startup_objects
+
+    freeze_startup_objects()
     logger.warning("avatar service listening on http://%s:%d (%s)", host, port, what)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

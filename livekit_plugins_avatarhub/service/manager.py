@@ -116,10 +116,19 @@ class AvatarManager(Protocol):
 
 
 class WorkerManager:
-    def __init__(self, worker_factory: WorkerFactory, *, max_workers: int = 4) -> None:
+    def __init__(
+        self,
+        worker_factory: WorkerFactory,
+        *,
+        max_workers: int = 4,
+        on_avatar_gone: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_avatar_gone`` runs once each avatar has stopped or failed to start (the
+        service frees its memory there, see ``memory.collect_left_avatar``)."""
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
         self._factory = worker_factory
+        self._on_avatar_gone = on_avatar_gone
         self.max_workers = max_workers
         self._workers: dict[tuple[str, str], WorkerInfo] = {}
         self._starting: dict[tuple[str, str], _Start] = {}
@@ -216,12 +225,14 @@ class WorkerManager:
             start.done.set_exception(
                 _detached(err) if not cancelled else CapacityError("shutting down")
             )
+            self._gone()
             raise
         if start.cancelled:  # a leave arrived while it was connecting: it goes now
             logger.info("avatar %s left room %s right after joining (leave-room)", *key)
             await worker.stop()
             info.status = "stopped"
             start.done.set_result(info)
+            self._gone()
             return
         info.status = "connected"
         info.worker = worker
@@ -232,7 +243,12 @@ class WorkerManager:
         logger.info("avatar %s joined room %s as %s", key[0], key[1], info.participant_id)
         start.done.set_result(info)
 
+    def _gone(self) -> None:
+        if self._on_avatar_gone is not None:  # once the stopping code has unwound
+            asyncio.get_running_loop().call_soon(self._on_avatar_gone)
+
     def _on_stopped(self, key: tuple[str, str], worker: AvatarWorker) -> None:
+        self._gone()
         info = self._workers.get(key)
         if info is None or info.worker is not worker:
             return
