@@ -211,18 +211,13 @@ async def leave_room(room: Any, timeout: float = 5.0) -> None:
     """
     await _unpublish_all(room, timeout)
     participant = _local_participant(room)
-    if participant is not None:
-        registered = getattr(participant, "_rpc_handlers", None) or {}
-        for method in {*registered, *LIVEKIT_RPC_METHODS}:
-            try:
-                participant.unregister_rpc_method(method)
-            except Exception as err:  # a room whose native handle is gone: nothing to free
-                logger.debug("unregistering RPC method %s: %s", method, err)
+    # every method registered through the SDK, livekit-agents' included (it reads this too)
+    for method in list(getattr(participant, "_rpc_handlers", None) or {}):
+        try:
+            participant.unregister_rpc_method(method)
+        except Exception as err:  # a room whose native handle is gone: nothing to free
+            logger.debug("unregistering RPC method %s: %s", method, err)
     await room.disconnect()
-
-
-#: what livekit-agents' avatar DataStream I/O registers (the same names in every 1.x)
-LIVEKIT_RPC_METHODS = ("lk.clear_buffer", "lk.playback_started", "lk.playback_finished")
 
 
 async def _unpublish_all(room: Any, timeout: float) -> None:
