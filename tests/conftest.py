@@ -109,7 +109,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Tests that need no other version of livekit-agents or bithuman run in some envs only:
     AVATARHUB_REAL_LIVEKIT=off leaves out the real-room tests, AVATARHUB_REAL_ONCE=off those
     of them that no livekit-agents version changes, AVATARHUB_HUB_TESTS=off the model hub's
-    (tox.ini says which envs run them)."""
+    (tox.ini says which envs run them). The soak runs only with AVATARHUB_SOAK=on."""
     import os
 
     for item in items:
@@ -122,6 +122,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         left_out.append("real_once")
     if os.environ.get("AVATARHUB_HUB_TESTS") == "off":
         left_out.append("hub")
+    if os.environ.get("AVATARHUB_SOAK") != "on":
+        left_out.append("soak")
     if not left_out:
         return
     kept = [item for item in items if not any(m in item.keywords for m in left_out)]

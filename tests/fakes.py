@@ -509,8 +509,11 @@ class FakeSFU:
             room.remote_join(peer.local_participant)
 
     def leave(self, room: FakeRoom) -> None:
+        """As a server forgets a participant that disconnected."""
         for peer in self.peers(room):
             peer.remote_leave(room.local_participant.identity)
+        if room in self.rooms:
+            self.rooms.remove(room)
 
 
 class FakeRoom(rtc.EventEmitter[str]):

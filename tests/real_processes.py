@@ -105,17 +105,20 @@ async def avatar_worker(
 
 @contextlib.asynccontextmanager
 async def avatar_service(
-    server: LiveKitServer | None, tmp_path: Path, *args: str, **env: str
+    server: LiveKitServer | None,
+    tmp_path: Path,
+    *args: str,
+    command: tuple[str, ...] = ("-m", "livekit_plugins_avatarhub", "serve"),
+    **env: str,
 ) -> AsyncIterator[tuple[Process, httpx.AsyncClient]]:
-    """``python -m livekit_plugins_avatarhub serve``, answering /health; and a client."""
+    """``python -m livekit_plugins_avatarhub serve`` (or ``command``), answering /health; and
+    a client."""
     port = free_port()
     lk: dict[str, Any] = server.env() if server is not None else {}
     service = await spawn(
         f"serve-{port}",
         tmp_path,
-        "-m",
-        "livekit_plugins_avatarhub",
-        "serve",
+        *command,
         "--port",
         str(port),
         *args,
@@ -154,10 +157,11 @@ async def join_room(
     *,
     name: str = "BitHuman Agent",
     listen_to: str = "app-user",
+    agent: str = "demo",
 ) -> httpx.Response:
-    """The Flutter app's ``POST /v1/agents/demo/join-room``, with a token it minted."""
+    """The Flutter app's ``POST /v1/agents/{agent}/join-room``, with a token it minted."""
     return await client.post(
-        "/v1/agents/demo/join-room",
+        f"/v1/agents/{agent}/join-room",
         json={
             "room_url": server.url,
             "room_token": server.token(identity, room, kind="agent"),

@@ -38,6 +38,16 @@ class Heard:
             self.times.append(time.monotonic())
             self.loud_samples += frame.samples_per_channel
 
+    async def quiet(self, for_s: float = 0.3, timeout: float = 5.0) -> None:
+        """Wait until nothing loud has come for ``for_s``: the last frames of a reply are still
+        on their way to the subscriber when ``wait_for_playout()`` returns."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            last = self.times[-1] if self.times else 0.0
+            if time.monotonic() - last >= for_s:
+                return
+            await asyncio.sleep(0.05)
+
     @property
     def longest_silence(self) -> float:
         gaps = np.diff(self.times)
@@ -87,6 +97,7 @@ async def talking(avatar: AvatarSession):
     try:
         yield session, room, heard, events, readers
     finally:
+        await heard.quiet()
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
@@ -202,7 +213,8 @@ async def test_an_interruption_in_audio_only_stops_the_speech(model_file, crasha
         assert handle.interrupted
         heard_then = heard.loud_samples
         await asyncio.sleep(0.5)
-    assert heard.loud_samples - heard_then < 0.3 * RATE  # it stopped, not 4 more seconds
+        heard_later = heard.loud_samples
+    assert heard_later - heard_then < 0.3 * RATE  # it stopped, not 4 more seconds
 
 
 def _frame(samples: int, rate: int = RATE, start: int = 0) -> rtc.AudioFrame:

@@ -21,7 +21,7 @@ import pytest
 from livekit import api, rtc
 
 from livekit_real import Subscriber, until
-from real_processes import avatar_worker, speaking_agent
+from real_processes import SERVICE_KEY, avatar_service, avatar_worker, speaking_agent
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow, pytest.mark.real_once]
 
@@ -220,3 +220,75 @@ async def test_the_reply_goes_on_when_the_avatar_worker_dies(real_livekit, tmp_p
     assert quiet[0] < quiet[1] + 1.0, f"longest quiet stretch per reply: {quiet}"
     mouth = [s.mouth for s in sub.video if starts[1] < s.at < ends[1]]
     assert mouth and max(mouth) > 0.15, "the avatar renders the second reply"
+
+
+async def test_the_reply_goes_on_when_the_avatar_service_dies(real_livekit, tmp_path):
+    """mode="participant": ``serve``, which renders the avatar, is killed (SIGKILL) 2.5 s into
+    the first reply and stays dead. The rest of the reply is heard from the agent itself within
+    a second; asked for again, the avatar cannot come back, so the agent says so once and speaks
+    the second reply as plain audio, as loud and as whole as the first."""
+    agent_name, room_name = "speaker-serve-kill", "room-serve-kill"
+    lkapi = real_livekit.api()
+    try:
+        async with avatar_service(real_livekit, tmp_path) as (service, client):
+            async with (
+                speaking_agent(
+                    real_livekit,
+                    tmp_path,
+                    agent_name,
+                    AVATARHUB_TEST_MODE="participant",
+                    AVATARHUB_TEST_AVATAR_KWARGS=json.dumps({"mode": "participant"}),
+                    AVATARHUB_SERVICE_URL=str(client.base_url),
+                    AVATARHUB_SERVICE_KEY=SERVICE_KEY,
+                    AVATARHUB_TEST_PAUSE="2",
+                ) as agent,
+                Subscriber(real_livekit, room_name) as sub,
+            ):
+                await lkapi.agent_dispatch.create_dispatch(
+                    api.CreateAgentDispatchRequest(agent_name=agent_name, room=room_name)
+                )
+                avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=90)
+                await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=avatar.identity)
+                sub.record(avatar)
+                await until(lambda: "speaking sample 0" in agent.text(), 60, "the first reply")
+                await asyncio.sleep(2.5)
+                killed_at = time.monotonic()
+                kill_tree(service.proc.pid)
+                await service.proc.wait()
+                agent_identity = next(
+                    p.identity
+                    for p in sub.room.remote_participants.values()
+                    if p.identity != avatar.identity
+                    and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+                )
+                plain, _ = await sub.wait_track(
+                    rtc.TrackKind.KIND_AUDIO, identity=agent_identity, timeout=10
+                )
+                sub.record(plain)
+                await until(lambda: "said sample 1" in agent.text(), 90, "both replies")
+                await asyncio.sleep(0.5)
+                await sub.stop_recording()
+                log = agent.text()
+    finally:
+        await lkapi.aclose()
+
+    starts = [times(log, f"speaking sample {n}")[0] for n in (0, 1)]
+    ends = [times(log, f"said sample {n}")[0] for n in (0, 1)]
+    assert starts[0] < killed_at < ends[0], "the service died during the first reply"
+    changes = [row for row in log.splitlines() if " avatar " in row and " -> " in row]
+    failed = [row for row in changes if " avatar rendering -> recovering" in row]
+    assert len(failed) == 1, changes
+    noticed = float(failed[0].split()[0]) - killed_at
+    assert noticed < 1.0, f"noticed {noticed:.2f} s after the kill"
+    assert [row.split(" -> ")[1].split(":")[0] for row in changes] == ["recovering", "audio_only"]
+
+    def heard(n: int) -> list[tuple[float, float]]:
+        return [(s.at, s.rms) for s in sub.audio if starts[n] < s.at < ends[n] + 0.5]
+
+    loud = [sum(1 for _, rms in heard(n) if rms > 0.02) for n in (0, 1)]
+    print(f"service killed: noticed after {noticed:.2f} s, loud 10 ms pieces {loud}, ", end="")
+    print(f"longest quiet {quiet_of(heard)} s; {changes}")
+    assert loud[1] > 300, loud
+    assert 0.95 * loud[1] < loud[0] < 1.15 * loud[1], f"loud 10 ms pieces per reply: {loud}"
+    quiet = [longest_quiet(heard(n)) for n in (0, 1)]
+    assert quiet[0] < quiet[1] + 1.0, f"longest quiet stretch per reply: {quiet}"

@@ -102,7 +102,7 @@ async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
                 assert avatar.attributes.get("lk.publish_on_behalf", "").startswith("agent-")
             sub.record(avatar)
             started = time.monotonic()
-            await until(lambda: time.monotonic() - started > 16, 30, "16 s of the avatar")
+            await until(lambda: time.monotonic() - started > 11.5, 30, "11.5 s of the avatar")
             # another participant plays a gesture (the viewer: allowed by the operator)
             answer = await sub.room.local_participant.perform_rpc(
                 destination_identity=avatar.identity,
@@ -134,14 +134,14 @@ async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
     assert after and max(after) < 0.05, f"the mouth still moves after the interruption: {after}"
     (rpc_line,) = [line for line in log.splitlines() if " rpc " in line]
     assert "rpc answer" in rpc_line and '"status": "success"' in rpc_line, rpc_line
-    frames = [s for s in sub.video if started + 1 < s.at < started + 16]
+    frames = [s for s in sub.video if started + 1 < s.at < started + 11]
     sizes = {(s.width, s.height) for s in frames}
     if ADAPTS_RESOLUTION:  # libwebrtc lowers the resolution of a loaded encoder
         assert all(w <= 1280 and abs(w / h - 16 / 9) < 0.1 for w, h in sizes), sizes
     else:
         assert sizes == {(1280, 720)}, "the published size"
-    rates = [sub.fps(t, t + 10) for t in (started + 1, started + 5)]
-    assert min(rates) >= 24, f"frames per second over 10 s windows: {rates}"
+    rate = sub.fps(started + 1, started + 11)
+    assert rate >= 24, f"frames per second over 10 s: {rate}"
     assert sub.loud_audio(), "the avatar's audio arrived with the speech in it"
     speaking, silent = sub.mouth_while(loud=True), sub.mouth_while(loud=False)
     assert len(speaking) > 20 and len(silent) > 20, (len(speaking), len(silent))

@@ -567,6 +567,59 @@ async def test_a_failed_join_frees_its_avatar_at_once_not_at_the_next_gc():
     assert [w.status for w in manager.workers()] == ["failed"] * 5  # still reported
 
 
+async def test_a_left_avatar_is_freed_at_once_not_at_the_next_gc():
+    """Avatars that joined, rendered and left do not pile up, with the collector's own runs off:
+    the service collects once per left avatar, so the reference cycles that remain (LiveKit's
+    runner and the avatar's failover hold each other) do not keep their runtimes and frames
+    until the next full collection."""
+    import gc
+    import weakref
+
+    from livekit_plugins_avatarhub.service.app import default_manager
+    from livekit_plugins_avatarhub.service.manager import WorkerManager
+    from livekit_plugins_avatarhub.service.memory import collect_left_avatar
+
+    assert default_manager(api_secret=None, max_workers=1)._on_avatar_gone is collect_left_avatar
+
+    harness = Harness()
+    workers: list[weakref.ref] = []
+
+    def worker(**kwargs):
+        made = harness.worker(**kwargs)
+        workers.append(weakref.ref(made))
+        return made
+
+    manager = WorkerManager(worker, max_workers=1, on_avatar_gone=collect_left_avatar)
+    gc.collect()
+    gc.disable()
+    try:
+        runtimes: list[weakref.ref] = []
+        for n in range(3):
+            info, _ = await manager.join(
+                agent_id="demo",
+                room=f"r{n}",
+                participant_id="p",
+                room_url="wss://lk",
+                token=room_token(f"r{n}"),
+            )
+            assert info.status == "connected"
+            del info
+            harness.rooms[-1].join("agent-1")  # the agent it renders for
+            await harness.rooms[-1].wait_published(rtc.TrackKind.KIND_VIDEO)
+            await asyncio.sleep(0.3)  # a few frames rendered
+            runtimes.append(weakref.ref(harness.runtimes.pop()))
+            await manager.leave("demo", f"r{n}")
+            harness.rooms.clear()
+        await asyncio.sleep(0.05)
+        alive = [(w() is not None, r() is not None) for w, r in zip(workers, runtimes, strict=True)]
+        # the newest stays held until the next avatar leaves (by nothing the collector can
+        # see: no Python object refers to it); before the fix every one stayed alive
+        assert len(alive) == 3 and alive[:-1] == [(False, False)] * 2, alive
+    finally:
+        gc.enable()
+    assert manager.workers() == []
+
+
 async def test_an_avatar_unpublishes_its_tracks_before_it_leaves(worker):
     """LiveKit's native side keeps ~0.8 MB per room left with tracks still published
     (bench/soak_service.py); the avatar takes its tracks down first."""

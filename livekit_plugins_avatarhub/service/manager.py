@@ -284,6 +284,7 @@ class WorkerManager:
                 pending.cancelled = True
             elif info.worker is not None:
                 await info.worker.stop()
+                info.worker = None  # the info goes back to the caller; the avatar is let go
             self._workers.pop((agent, name), None)
             info.status = "stopped"
             stopped.append(info)
