@@ -361,6 +361,13 @@ class FakeLocalParticipant:
     #: what the token's grant allows (LiveKit refuses set_name/set_attributes without it)
     can_update_own_metadata: bool = True
     unpublished: list[str] = field(default_factory=list)
+    #: seconds a publish takes to reach the server; it lands even if the caller stops waiting
+    #: (and the SDK then never lists it), as LiveKit's does
+    publish_delay: float = 0.0
+    #: SIDs the server holds published: what subscribers see, listed by the SDK or not
+    on_server: set[str] = field(default_factory=set)
+    publishing: int = 0  # publishes in flight
+    _published: int = 0
 
     async def set_name(self, name: str) -> None:
         self._check_metadata_grant()
@@ -425,19 +432,35 @@ class FakeLocalParticipant:
         return await result if asyncio.iscoroutine(result) else result
 
     async def unpublish_track(self, sid: str) -> None:
-        pub = self.track_publications.pop(sid)
+        """By SID, as the SDK does: also a track it never listed."""
+        if sid not in self.on_server:
+            raise RuntimeError(f"track {sid} not found")  # the SDK raises UnpublishTrackError
+        self.on_server.discard(sid)
         self.unpublished.append(sid)
-        self.room.emit("local_track_unpublished", pub)
+        pub = self.track_publications.pop(sid, None)
+        if pub is not None:
+            self.room.emit("local_track_unpublished", pub)
 
     async def publish_track(self, track: Any, options: Any = None) -> FakePublication:
         if options is not None and not options.IsInitialized():
             # what LiveKit's FFI does when it serialises the request
             raise EncodeError(f"missing required fields: {options.FindInitializationErrors()}")
-        pub = FakePublication(track, options, f"TR_{len(self.track_publications)}")
+        self._published += 1
+        pub = FakePublication(track, options, f"TR_{self._published}")
+        if self.publish_delay:
+            self.publishing += 1
+            await asyncio.shield(asyncio.ensure_future(self._land(pub.sid)))
+        else:
+            self.on_server.add(pub.sid)
         self.track_publications[pub.sid] = pub
         self.room.emit("local_track_published", pub, track)
         self.room.sfu_broadcast("track_published", self, pub)
         return pub
+
+    async def _land(self, sid: str) -> None:
+        await asyncio.sleep(self.publish_delay)
+        self.on_server.add(sid)
+        self.publishing -= 1
 
     def publication(self, kind: Any) -> FakePublication | None:
         for pub in self.track_publications.values():

@@ -632,6 +632,27 @@ async def test_an_avatar_unpublishes_its_tracks_before_it_leaves(worker):
     assert room.left_with == []
 
 
+async def test_an_avatar_left_while_publishing_takes_that_track_down_too():
+    """A leave while a track is being published (a join and leave in quick succession): the
+    server publishes it all the same, and the SDK never lists it. The avatar waits for it and
+    unpublishes it; a room left with it published keeps LiveKit's native audio source (one
+    thread each) and about 0.8 MB for good."""
+    harness = Harness()
+    w = harness.worker(agent_id="demo", room_url="wss://lk", token=room_token("r"))
+    await w.start()
+    me = harness.rooms[0].local_participant
+    me.publish_delay = 0.3
+    harness.rooms[0].join("agent-1")  # the runner publishes once its agent is there
+    for _ in range(200):
+        if me.publishing:
+            break
+        await asyncio.sleep(0.01)
+    assert me.publishing, "a publish is in flight"
+    await w.stop()
+    await asyncio.sleep(0.5)  # the publish has landed on the server by now
+    assert me.unpublished and me.on_server == set(), "nothing left published"
+
+
 async def test_participant_mode_speaks_on_when_the_avatar_leaves(avatar_service, livekit_env):
     """The avatar participant goes mid-session and cannot be launched again: the agent's next
     reply is published by the agent itself, whole, and the session says what happened."""

@@ -71,9 +71,12 @@ def default_bitrate(width: int, height: int) -> int:
 
 
 class _Participant:
-    def __init__(self, inner: Any, video_options: rtc.TrackPublishOptions) -> None:
+    def __init__(
+        self, inner: Any, video_options: rtc.TrackPublishOptions, publishing: list[Any]
+    ) -> None:
         self._inner = inner
         self._video_options = video_options
+        self._publishing = publishing
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -81,22 +84,38 @@ class _Participant:
     async def publish_track(self, track: Any, options: Any = None) -> Any:
         if isinstance(track, rtc.LocalVideoTrack):
             options = self._video_options
-        if options is None:
-            return await self._inner.publish_track(track)
-        return await self._inner.publish_track(track, options)
+        call = (
+            self._inner.publish_track(track)
+            if options is None
+            else self._inner.publish_track(track, options)
+        )
+        # LiveKit publishes the track even if this await is cancelled (an avatar left while it
+        # was publishing), and the SDK then never lists it: kept, so that the leave can wait for
+        # it and take it down (see :func:`close_runner`)
+        publish = asyncio.ensure_future(call)
+        publish.add_done_callback(_retrieve)
+        self._publishing.append(publish)
+        return await asyncio.shield(publish)
+
+
+def _retrieve(publish: asyncio.Future[Any]) -> None:
+    if not publish.cancelled():
+        publish.exception()  # a failure its caller, already gone, would never read
 
 
 class PublishingRoom:
-    """The room as the runner sees it: everything passes through except video publish options."""
+    """The room as the runner sees it: everything passes through except video publish options,
+    and its publishes are kept until the leave (see :class:`_Participant`)."""
 
     def __init__(self, room: rtc.Room, video_options: rtc.TrackPublishOptions) -> None:
         self._room = room
         self._video_options = video_options
+        self.publishing: list[asyncio.Future[Any]] = []
 
     @property
     def local_participant(self) -> Any:
         # looked up on each use: an unconnected room has no local participant yet
-        return _Participant(self._room.local_participant, self._video_options)
+        return _Participant(self._room.local_participant, self._video_options, self.publishing)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._room, name)
@@ -182,15 +201,26 @@ def _drop_finished_tasks(*parts: Any) -> None:
 
 async def _unpublish(runner: Any, timeout: float = 5.0) -> None:
     """Take the runner's own tracks out of the room (an agent's room stays, and so would a
-    frozen avatar track in it); see :func:`leave_room` for what leaving them costs."""
+    frozen avatar track in it); see :func:`leave_room` for what leaving them costs.
+
+    That includes a track still being published: LiveKit finishes the publish even though the
+    runner stopped waiting for it, and a room left with it published keeps its native audio
+    source (a thread) and about 0.8 MB for good (``tests/test_real_soak.py`` found it)."""
     room = getattr(runner, "_room", None)
     participant = _local_participant(room) if _connected(room) else None
-    for name in ("_video_publication", "_audio_publication"):
-        publication = getattr(runner, name, None)
-        if publication is None or participant is None:
-            continue
+    publications = [getattr(runner, n, None) for n in ("_video_publication", "_audio_publication")]
+    publishing = getattr(room, "publishing", None) or []
+    for publish in publishing if participant is not None else ():
         try:
-            await asyncio.wait_for(participant.unpublish_track(publication.sid), timeout)
+            publications.append(await asyncio.wait_for(asyncio.shield(publish), timeout))
+        except Exception as err:  # it failed, or never completes: nothing was published
+            logger.debug("a publish in flight when the avatar left: %s", err)
+    publishing.clear()  # their publications hold the tracks
+    if participant is None:  # disconnected: the server took everything down
+        return
+    for sid in dict.fromkeys(p.sid for p in publications if p is not None):
+        try:
+            await asyncio.wait_for(participant.unpublish_track(sid), timeout)
         except Exception as err:  # already gone, or the connection is
             logger.debug("unpublishing the avatar's track: %s", err)
 
