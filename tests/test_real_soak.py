@@ -90,6 +90,7 @@ async def test_join_leave_cycles_leave_nothing_behind(real_livekit, tmp_path, bi
     assert workers == [], f"workers still listed: {workers}"
     (_, base), *later = readings
     report = ", ".join(f"{n}: {r[0]:.0f} MB {r[1]} fds {r[2]} threads" for n, r in readings)
+    print(f"serve after each cycle count: {report}")
     for _, (rss, fds, threads) in later:
         assert rss <= base[0] * 1.05, f"RSS grew after the warm-up ({report})"
         assert fds <= max(base[1] * 1.05, base[1] + 1), f"fds grew ({report})"
