@@ -86,7 +86,12 @@ async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
         async with (
             backend(mode, real_livekit, tmp_path) as env,
             speaking_agent(
-                real_livekit, tmp_path, agent_name, AVATARHUB_TEST_MODE=mode, **env
+                real_livekit,
+                tmp_path,
+                agent_name,
+                AVATARHUB_TEST_MODE=mode,
+                AVATARHUB_TEST_PAUSE="1.5",  # silences long enough to see the mouth shut
+                **env,
             ) as agent,
             Subscriber(real_livekit, room_name) as sub,
         ):
