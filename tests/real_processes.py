@@ -12,7 +12,9 @@ from typing import Any
 
 import httpx
 
-from livekit_real import LiveKitServer, clean_env, free_port, until
+from livekit import api, rtc
+
+from livekit_real import LiveKitServer, Subscriber, clean_env, free_port, until
 
 HERE = Path(__file__).resolve().parent
 SERVICE_KEY = "service-key-for-real-rooms"
@@ -78,6 +80,21 @@ async def speaking_agent(
     )
     async with registered(agent):
         yield agent
+
+
+async def dispatched_avatar(sub: Subscriber, agent_name: str) -> rtc.RemoteParticipant:
+    """Dispatch the agent worker ``agent_name`` to ``sub``'s room through LiveKit's API, as an
+    app's backend does; the avatar, once ``sub`` receives its video and its audio."""
+    lkapi = sub.server.api()
+    try:
+        await lkapi.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name=agent_name, room=sub.room_name)
+        )
+    finally:
+        await lkapi.aclose()
+    avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=90)
+    await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=avatar.identity)
+    return avatar
 
 
 @contextlib.asynccontextmanager

@@ -18,16 +18,40 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livekit import api, rtc
+from livekit import rtc
 
 from livekit_real import Subscriber, until
-from real_processes import SERVICE_KEY, avatar_service, avatar_worker, speaking_agent
+from real_processes import (
+    SERVICE_KEY,
+    avatar_service,
+    avatar_worker,
+    dispatched_avatar,
+    speaking_agent,
+)
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow, pytest.mark.real_once]
 
 
 def times(log: str, line: str) -> list[float]:
     return [float(row.split()[0]) for row in log.splitlines() if row.endswith(line)]
+
+
+def replies(log: str) -> tuple[list[float], list[float]]:
+    """When the agent began and finished each of its two replies, by its own log."""
+    starts = [times(log, f"speaking sample {n}")[0] for n in (0, 1)]
+    ends = [times(log, f"said sample {n}")[0] for n in (0, 1)]
+    return starts, ends
+
+
+async def agents_own_audio(sub: Subscriber, avatar: rtc.RemoteParticipant) -> rtc.RemoteParticipant:
+    """The agent's own participant, once ``sub`` receives the plain audio it falls back to."""
+    identity = next(
+        p.identity
+        for p in sub.room.remote_participants.values()
+        if p.identity != avatar.identity and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    )
+    plain, _ = await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=identity, timeout=10)
+    return plain
 
 
 def quiet_of(heard: Any) -> list[float]:
@@ -42,35 +66,26 @@ def longest_quiet(levels: list[tuple[float, float]], threshold: float = 0.02) ->
 
 async def test_the_reply_goes_on_when_the_runtime_crashes(real_livekit, tmp_path):
     agent_name, room_name = "speaker-crash", "room-crash"
-    lkapi = real_livekit.api()
-    try:
-        async with (
-            speaking_agent(
-                real_livekit,
-                tmp_path,
-                agent_name,
-                AVATARHUB_TEST_MODE="local",
-                AVATARHUB_TEST_BREAK_RUNTIME="2.5",
-                AVATARHUB_TEST_PAUSE="2",
-            ) as agent,
-            Subscriber(real_livekit, room_name) as sub,
-        ):
-            await lkapi.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(agent_name=agent_name, room=room_name)
-            )
-            avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=90)
-            await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=avatar.identity)
-            sub.record(avatar)
-            await until(lambda: "said sample 1" in agent.text(), 60, "both replies")
-            await asyncio.sleep(0.5)
-            await sub.stop_recording()
-            log = agent.text()
-    finally:
-        await lkapi.aclose()
+    async with (
+        speaking_agent(
+            real_livekit,
+            tmp_path,
+            agent_name,
+            AVATARHUB_TEST_MODE="local",
+            AVATARHUB_TEST_BREAK_RUNTIME="2.5",
+            AVATARHUB_TEST_PAUSE="2",
+        ) as agent,
+        Subscriber(real_livekit, room_name) as sub,
+    ):
+        avatar = await dispatched_avatar(sub, agent_name)
+        sub.record(avatar)
+        await until(lambda: "said sample 1" in agent.text(), 60, "both replies")
+        await asyncio.sleep(0.5)
+        await sub.stop_recording()
+        log = agent.text()
 
     (broken,) = times(log, "runtime broken")
-    starts = [times(log, f"speaking sample {n}")[0] for n in (0, 1)]
-    ends = [times(log, f"said sample {n}")[0] for n in (0, 1)]
+    starts, ends = replies(log)
     assert starts[0] < broken < ends[0], "the runtime broke during the first reply"
     failed = [row for row in log.splitlines() if " avatar rendering -> recovering" in row]
     back = [row for row in log.splitlines() if " avatar recovering -> rendering" in row]
@@ -138,62 +153,44 @@ async def test_the_reply_goes_on_when_the_avatar_worker_dies(real_livekit, tmp_p
     agent_name, room_name, workers = "speaker-kill", "room-kill", "avatars-kill"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    lkapi = real_livekit.api()
-    try:
-        async with (
-            avatar_worker(real_livekit, tmp_path / "a", workers) as first,
-            avatar_worker(real_livekit, tmp_path / "b", workers) as second,
-            speaking_agent(
-                real_livekit,
-                tmp_path,
-                agent_name,
-                AVATARHUB_TEST_MODE="dispatch",
-                AVATARHUB_TEST_AVATAR_KWARGS=json.dumps({"mode": "dispatch"}),
-                AVATARHUB_AGENT_NAME=workers,
-                AVATARHUB_TEST_PAUSE="4",
-            ) as agent,
-            Subscriber(real_livekit, room_name) as sub,
-        ):
-            await lkapi.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(agent_name=agent_name, room=room_name)
-            )
-            avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=90)
-            await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=avatar.identity)
-            sub.record(avatar)
-            # the stream of the dead avatar's track may go on carrying its successor's audio
-            dead = {p.sid for p in avatar.track_publications.values()}
-            await until(lambda: "speaking sample 0" in agent.text(), 60, "the first reply")
-            await asyncio.sleep(2.5)
-            rendering = first if "is rendering in room" in first.text() else second
-            other = second if rendering is first else first
-            killed_at = time.monotonic()
-            kill_tree(rendering.proc.pid)
-            agent_identity = next(
-                p.identity
-                for p in sub.room.remote_participants.values()
-                if p.identity != avatar.identity
-                and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-            )
-            plain, _ = await sub.wait_track(
-                rtc.TrackKind.KIND_AUDIO, identity=agent_identity, timeout=10
-            )
-            sub.record(plain)
-            returned = await back_in_room(sub, avatar.identity, avatar.sid, 60)
-            returned_at = time.monotonic()
-            print(
-                f"worker killed: the avatar back on the other worker {returned_at - killed_at:.2f} s later"
-            )
-            sub.record(returned)
-            await until(lambda: "said sample 1" in agent.text(), 90, "both replies")
-            await asyncio.sleep(0.5)
-            await sub.stop_recording()
-            log = agent.text()
-            assert "is rendering in room" in other.text(), "the avatar went to the other worker"
-    finally:
-        await lkapi.aclose()
+    async with (
+        avatar_worker(real_livekit, tmp_path / "a", workers) as first,
+        avatar_worker(real_livekit, tmp_path / "b", workers) as second,
+        speaking_agent(
+            real_livekit,
+            tmp_path,
+            agent_name,
+            AVATARHUB_TEST_MODE="dispatch",
+            AVATARHUB_TEST_AVATAR_KWARGS=json.dumps({"mode": "dispatch"}),
+            AVATARHUB_AGENT_NAME=workers,
+            AVATARHUB_TEST_PAUSE="4",
+        ) as agent,
+        Subscriber(real_livekit, room_name) as sub,
+    ):
+        avatar = await dispatched_avatar(sub, agent_name)
+        sub.record(avatar)
+        # the stream of the dead avatar's track may go on carrying its successor's audio
+        dead = {p.sid for p in avatar.track_publications.values()}
+        await until(lambda: "speaking sample 0" in agent.text(), 60, "the first reply")
+        await asyncio.sleep(2.5)
+        rendering = first if "is rendering in room" in first.text() else second
+        other = second if rendering is first else first
+        killed_at = time.monotonic()
+        kill_tree(rendering.proc.pid)
+        sub.record(await agents_own_audio(sub, avatar))
+        returned = await back_in_room(sub, avatar.identity, avatar.sid, 60)
+        returned_at = time.monotonic()
+        print(
+            f"worker killed: the avatar back on the other worker {returned_at - killed_at:.2f} s later"
+        )
+        sub.record(returned)
+        await until(lambda: "said sample 1" in agent.text(), 90, "both replies")
+        await asyncio.sleep(0.5)
+        await sub.stop_recording()
+        log = agent.text()
+        assert "is rendering in room" in other.text(), "the avatar went to the other worker"
 
-    starts = [times(log, f"speaking sample {n}")[0] for n in (0, 1)]
-    ends = [times(log, f"said sample {n}")[0] for n in (0, 1)]
+    starts, ends = replies(log)
     assert starts[0] < killed_at < ends[0], "the worker died during the first reply"
     failed = [row for row in log.splitlines() if " avatar rendering -> recovering" in row]
     back = [row for row in log.splitlines() if " avatar recovering -> rendering" in row]
@@ -228,52 +225,34 @@ async def test_the_reply_goes_on_when_the_avatar_service_dies(real_livekit, tmp_
     a second; asked for again, the avatar cannot come back, so the agent says so once and speaks
     the second reply as plain audio, as loud and as whole as the first."""
     agent_name, room_name = "speaker-serve-kill", "room-serve-kill"
-    lkapi = real_livekit.api()
-    try:
-        async with avatar_service(real_livekit, tmp_path) as (service, client):
-            async with (
-                speaking_agent(
-                    real_livekit,
-                    tmp_path,
-                    agent_name,
-                    AVATARHUB_TEST_MODE="participant",
-                    AVATARHUB_TEST_AVATAR_KWARGS=json.dumps({"mode": "participant"}),
-                    AVATARHUB_SERVICE_URL=str(client.base_url),
-                    AVATARHUB_SERVICE_KEY=SERVICE_KEY,
-                    AVATARHUB_TEST_PAUSE="2",
-                ) as agent,
-                Subscriber(real_livekit, room_name) as sub,
-            ):
-                await lkapi.agent_dispatch.create_dispatch(
-                    api.CreateAgentDispatchRequest(agent_name=agent_name, room=room_name)
-                )
-                avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=90)
-                await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=avatar.identity)
-                sub.record(avatar)
-                await until(lambda: "speaking sample 0" in agent.text(), 60, "the first reply")
-                await asyncio.sleep(2.5)
-                killed_at = time.monotonic()
-                kill_tree(service.proc.pid)
-                await service.proc.wait()
-                agent_identity = next(
-                    p.identity
-                    for p in sub.room.remote_participants.values()
-                    if p.identity != avatar.identity
-                    and p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-                )
-                plain, _ = await sub.wait_track(
-                    rtc.TrackKind.KIND_AUDIO, identity=agent_identity, timeout=10
-                )
-                sub.record(plain)
-                await until(lambda: "said sample 1" in agent.text(), 90, "both replies")
-                await asyncio.sleep(0.5)
-                await sub.stop_recording()
-                log = agent.text()
-    finally:
-        await lkapi.aclose()
+    async with avatar_service(real_livekit, tmp_path) as (service, client):
+        async with (
+            speaking_agent(
+                real_livekit,
+                tmp_path,
+                agent_name,
+                AVATARHUB_TEST_MODE="participant",
+                AVATARHUB_TEST_AVATAR_KWARGS=json.dumps({"mode": "participant"}),
+                AVATARHUB_SERVICE_URL=str(client.base_url),
+                AVATARHUB_SERVICE_KEY=SERVICE_KEY,
+                AVATARHUB_TEST_PAUSE="2",
+            ) as agent,
+            Subscriber(real_livekit, room_name) as sub,
+        ):
+            avatar = await dispatched_avatar(sub, agent_name)
+            sub.record(avatar)
+            await until(lambda: "speaking sample 0" in agent.text(), 60, "the first reply")
+            await asyncio.sleep(2.5)
+            killed_at = time.monotonic()
+            kill_tree(service.proc.pid)
+            await service.proc.wait()
+            sub.record(await agents_own_audio(sub, avatar))
+            await until(lambda: "said sample 1" in agent.text(), 90, "both replies")
+            await asyncio.sleep(0.5)
+            await sub.stop_recording()
+            log = agent.text()
 
-    starts = [times(log, f"speaking sample {n}")[0] for n in (0, 1)]
-    ends = [times(log, f"said sample {n}")[0] for n in (0, 1)]
+    starts, ends = replies(log)
     assert starts[0] < killed_at < ends[0], "the service died during the first reply"
     changes = [row for row in log.splitlines() if " avatar " in row and " -> " in row]
     failed = [row for row in changes if " avatar rendering -> recovering" in row]

@@ -24,10 +24,16 @@ import time
 
 import pytest
 
-from livekit import api, rtc
+from livekit import rtc
 
 from livekit_real import ADAPTS_RESOLUTION, Subscriber, until
-from real_processes import SERVICE_KEY, avatar_service, avatar_worker, speaking_agent
+from real_processes import (
+    SERVICE_KEY,
+    avatar_service,
+    avatar_worker,
+    dispatched_avatar,
+    speaking_agent,
+)
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
 
@@ -81,48 +87,40 @@ async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
     if mode == "official" and not official_cloud_mode():
         pytest.skip("this livekit-plugins-bithuman has no cloud mode")
     agent_name, room_name = f"speaker-{mode}", f"room-{mode}"
-    lkapi = real_livekit.api()
-    try:
-        async with (
-            backend(mode, real_livekit, tmp_path) as env,
-            speaking_agent(
-                real_livekit,
-                tmp_path,
-                agent_name,
-                AVATARHUB_TEST_MODE=mode,
-                AVATARHUB_TEST_PAUSE="1.5",  # silences long enough to see the mouth shut
-                **env,
-            ) as agent,
-            Subscriber(real_livekit, room_name) as sub,
-        ):
-            await lkapi.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(agent_name=agent_name, room=room_name)
-            )
-            avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=90)
-            await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=avatar.identity)
-            if mode == "local":  # the agent publishes the avatar itself
-                assert avatar.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-            else:  # a participant of its own, on the agent's behalf
-                assert avatar.identity == REMOTE_IDENTITY
-                assert avatar.attributes.get("lk.publish_on_behalf", "").startswith("agent-")
-            sub.record(avatar)
-            started = time.monotonic()
-            await until(lambda: time.monotonic() - started > 11.5, 30, "11.5 s of the avatar")
-            # another participant plays a gesture (the viewer: allowed by the operator)
-            answer = await sub.room.local_participant.perform_rpc(
-                destination_identity=avatar.identity,
-                method="trigger_dynamics",
-                payload=json.dumps({"action": "wave"}),
-            )
-            assert json.loads(answer)["status"] == "success", answer
-            # the agent's own call, as bitHuman documents it for the cloud
-            await until(lambda: " rpc " in agent.text(), 60, "the agent's trigger_dynamics call")
-            await until(lambda: " interrupted" in agent.text(), 30, "the interrupted reply")
-            await asyncio.sleep(2)
-            await sub.stop_recording()
-            log = agent.text()
-    finally:
-        await lkapi.aclose()
+    async with (
+        backend(mode, real_livekit, tmp_path) as env,
+        speaking_agent(
+            real_livekit,
+            tmp_path,
+            agent_name,
+            AVATARHUB_TEST_MODE=mode,
+            AVATARHUB_TEST_PAUSE="1.5",  # silences long enough to see the mouth shut
+            **env,
+        ) as agent,
+        Subscriber(real_livekit, room_name) as sub,
+    ):
+        avatar = await dispatched_avatar(sub, agent_name)
+        if mode == "local":  # the agent publishes the avatar itself
+            assert avatar.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        else:  # a participant of its own, on the agent's behalf
+            assert avatar.identity == REMOTE_IDENTITY
+            assert avatar.attributes.get("lk.publish_on_behalf", "").startswith("agent-")
+        sub.record(avatar)
+        started = time.monotonic()
+        await until(lambda: time.monotonic() - started > 11.5, 30, "11.5 s of the avatar")
+        # another participant plays a gesture (the viewer: allowed by the operator)
+        answer = await sub.room.local_participant.perform_rpc(
+            destination_identity=avatar.identity,
+            method="trigger_dynamics",
+            payload=json.dumps({"action": "wave"}),
+        )
+        assert json.loads(answer)["status"] == "success", answer
+        # the agent's own call, as bitHuman documents it for the cloud
+        await until(lambda: " rpc " in agent.text(), 60, "the agent's trigger_dynamics call")
+        await until(lambda: " interrupted" in agent.text(), 30, "the interrupted reply")
+        await asyncio.sleep(2)
+        await sub.stop_recording()
+        log = agent.text()
 
     assert "said sample 0" in log, "playback finished came back to the agent"
     if mode in ("participant", "dispatch"):

@@ -95,9 +95,7 @@ async def test_an_agents_avatar_comes_back_after_the_server_restarts(tmp_path, m
     import contextlib
     import json
 
-    from livekit import api
-
-    from real_processes import avatar_worker, speaking_agent
+    from real_processes import avatar_worker, dispatched_avatar, speaking_agent
 
     binary = find_tool("livekit-server")
     if binary is None:
@@ -116,12 +114,7 @@ async def test_an_agents_avatar_comes_back_after_the_server_restarts(tmp_path, m
                 speaking_agent(server, tmp_path, "speaker-rs", AVATARHUB_TEST_MODE=mode, **env)
             )
             sub = await stack.enter_async_context(Subscriber(server, "room-rs"))
-            lkapi = server.api()
-            await lkapi.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(agent_name="speaker-rs", room="room-rs")
-            )
-            await lkapi.aclose()
-            avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=90)
+            avatar = await dispatched_avatar(sub, "speaker-rs")
             sub.record(avatar)
             await until(lambda: len(sub.video) > 25, 20, "the avatar's video")
             before = {p.sid for p in avatar.track_publications.values()}
