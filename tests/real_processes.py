@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -186,3 +187,39 @@ async def join_room(
             "listen_to": listen_to,
         },
     )
+
+
+@contextlib.asynccontextmanager
+async def avatar_backend(
+    mode: str, server: LiveKitServer, tmp_path: Path
+) -> AsyncIterator[dict[str, str]]:
+    """What renders the avatar in ``mode``, and the agent's environment that points at it."""
+    if mode in ("local", "official-local"):  # rendered in the agent's own job
+        yield {}
+    elif mode in ("participant", "official"):
+        async with avatar_service(server, tmp_path, "--allow-gestures-from", "viewer") as (
+            _,
+            client,
+        ):
+            base = str(client.base_url)
+            if mode == "participant":
+                yield {
+                    "AVATARHUB_TEST_AVATAR_KWARGS": json.dumps({"mode": "participant"}),
+                    "AVATARHUB_SERVICE_URL": base,
+                    "AVATARHUB_SERVICE_KEY": SERVICE_KEY,
+                }
+            else:
+                yield {
+                    "BITHUMAN_API_URL": f"{base}/v1/runtime-tokens/request",
+                    "BITHUMAN_API_SECRET": SERVICE_KEY,
+                }
+    elif mode == "dispatch":
+        async with avatar_worker(
+            server, tmp_path, "avatars-real", "--allow-gestures-from", "viewer"
+        ):
+            yield {
+                "AVATARHUB_TEST_AVATAR_KWARGS": json.dumps({"mode": "dispatch"}),
+                "AVATARHUB_AGENT_NAME": "avatars-real",
+            }
+    else:
+        raise AssertionError(mode)

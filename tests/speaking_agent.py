@@ -6,6 +6,7 @@ start``). ``AVATARHUB_TEST_MODE`` picks the avatar:
 * ``local``: the example as published (``from livekit.plugins import avatarhub as bithuman``);
 * ``official``: the same source with only its import swapped back to the official plugin
   (``from livekit.plugins import bithuman``), in cloud mode at ``BITHUMAN_API_URL``;
+* ``official-local``: the official plugin in local mode, on the demo avatar's runtime;
 * ``participant`` / ``dispatch``: the example's pattern with ``mode=`` added.
 
 The worker registers under ``AVATARHUB_TEST_AGENT_NAME`` (the test dispatches it explicitly).
@@ -13,6 +14,9 @@ Instead of an LLM the session says the bundled sample ``AVATARHUB_TEST_SAYS`` ti
 ``AVATARHUB_TEST_PAUSE`` seconds of silence between, then plays a gesture with bitHuman's
 documented cloud call (``perform_rpc(destination_identity=avatar.avatar_identity,
 method="trigger_dynamics", ...)``) and prints what each step returned.
+
+``AVATARHUB_TEST_SPEECH=bursts`` speaks tone bursts with sharp onsets instead of the sample,
+printing when each leaves the agent (``bench/bench_glass_to_glass.py``).
 
 ``AVATARHUB_TEST_BREAK_RUNTIME=S`` breaks the avatar's runtime S seconds into the first reply
 (every frame it renders raises from then on), as a crashing engine would; each
@@ -71,6 +75,37 @@ async def speech(rate: int = 16000) -> AsyncIterator[rtc.AudioFrame]:
         await asyncio.sleep(max(0.0, due - loop.time()))
 
 
+BURSTS = 20  # tone bursts in the reply of AVATARHUB_TEST_SPEECH=bursts
+
+
+async def bursts(rate: int = 16000) -> AsyncIterator[rtc.AudioFrame]:
+    """A reply of sharp-onset tone bursts (0.3 s of 300 Hz, then 0.4-0.8 s of silence), paced
+    as speech; prints the moment each burst's first frame leaves the agent's code, which is
+    what the latency benchmark measures from."""
+    import numpy as np
+
+    step = rate // 50  # 20 ms frames, as a streaming TTS sends them
+    t = np.arange(int(0.3 * rate)) / rate
+    tone = (np.sin(2 * np.pi * 300 * t) * 0.5 * 32767).astype(np.int16)
+    gaps = np.random.default_rng(int(os.environ.get("AVATARHUB_TEST_SEED", "7")))
+    silence = np.zeros(step, np.int16)
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    for n in range(BURSTS):
+        parts = [tone[i : i + step] for i in range(0, tone.size, step)]
+        parts += [silence] * int(gaps.integers(20, 41))
+        for i, part in enumerate(parts):
+            if i == 0:
+                say(f"burst {n}")
+            yield rtc.AudioFrame(part.tobytes(), rate, 1, part.size)
+            due += part.size / rate
+            await asyncio.sleep(max(0.0, due - loop.time()))
+
+
+def reply_audio() -> AsyncIterator[rtc.AudioFrame]:
+    return bursts() if os.environ.get("AVATARHUB_TEST_SPEECH") == "bursts" else speech()
+
+
 async def break_runtime(avatar: Any) -> None:
     await asyncio.sleep(float(os.environ["AVATARHUB_TEST_BREAK_RUNTIME"]))
     runtime = avatar.runtime
@@ -100,7 +135,8 @@ class SpeakingSession(AgentSession):  # type: ignore[misc]
         says = int(os.environ.get("AVATARHUB_TEST_SAYS", "2"))
         pause = float(os.environ.get("AVATARHUB_TEST_PAUSE", "3"))
         avatar = AVATARS[-1]
-        if os.environ.get("AVATARHUB_TEST_MODE", "local") != "local":  # a participant of its own
+        mode = os.environ.get("AVATARHUB_TEST_MODE", "local")
+        if mode not in ("local", "official-local"):  # a participant of its own
             if hasattr(avatar, "wait_for_join"):  # the official plugin's from livekit-agents 1.5.13
                 await avatar.wait_for_join(timeout=60)
                 say("avatar joined")
@@ -114,7 +150,7 @@ class SpeakingSession(AgentSession):  # type: ignore[misc]
         await asyncio.sleep(float(os.environ.get("AVATARHUB_TEST_DELAY", "2")))
         for n in range(says):
             say(f"speaking sample {n}")
-            handle = self.say(f"sample {n}", audio=speech(), allow_interruptions=False)
+            handle = self.say(f"sample {n}", audio=reply_audio(), allow_interruptions=False)
             if n == 0 and os.environ.get("AVATARHUB_TEST_BREAK_RUNTIME"):
                 self._breaking = asyncio.create_task(break_runtime(avatar))
             await handle.wait_for_playout()
@@ -152,6 +188,12 @@ def load_example(plugin_import: str) -> Any:
     class Noted(plugin.AvatarSession):  # type: ignore[misc,name-defined]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.update(json.loads(os.environ.get("AVATARHUB_TEST_AVATAR_KWARGS", "{}")))
+            if os.environ.get("AVATARHUB_TEST_MODE") == "official-local":
+                # the official plugin in local mode on the demo avatar's runtime
+                from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
+
+                kwargs = {"model_path": "demo.imx", "api_secret": "unused"}
+                kwargs["runtime"] = DemoRuntime()
             super().__init__(*args, **kwargs)
             AVATARS.append(self)
 
@@ -161,7 +203,7 @@ def load_example(plugin_import: str) -> Any:
 
 def example() -> Any:
     mode = os.environ.get("AVATARHUB_TEST_MODE", "local")
-    return load_example(OFFICIAL if mode == "official" else OURS)
+    return load_example(OFFICIAL if mode.startswith("official") else OURS)
 
 
 async def entrypoint(ctx: Any) -> None:

@@ -17,7 +17,6 @@ own, for a participant the operator allowed (``--allow-gestures-from``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import statistics
 import time
@@ -27,13 +26,7 @@ import pytest
 from livekit import rtc
 
 from livekit_real import ADAPTS_RESOLUTION, Subscriber, until
-from real_processes import (
-    SERVICE_KEY,
-    avatar_service,
-    avatar_worker,
-    dispatched_avatar,
-    speaking_agent,
-)
+from real_processes import avatar_backend, dispatched_avatar, speaking_agent
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
 
@@ -48,47 +41,13 @@ def official_cloud_mode() -> bool:
     return "avatar_id" in inspect.signature(bithuman.AvatarSession).parameters
 
 
-@contextlib.asynccontextmanager
-async def backend(mode: str, server, tmp_path):
-    """What renders the avatar in ``mode``, and the agent's environment that points at it."""
-    if mode == "local":
-        yield {}
-    elif mode in ("participant", "official"):
-        async with avatar_service(server, tmp_path, "--allow-gestures-from", "viewer") as (
-            _,
-            client,
-        ):
-            base = str(client.base_url)
-            if mode == "participant":
-                yield {
-                    "AVATARHUB_TEST_AVATAR_KWARGS": json.dumps({"mode": "participant"}),
-                    "AVATARHUB_SERVICE_URL": base,
-                    "AVATARHUB_SERVICE_KEY": SERVICE_KEY,
-                }
-            else:
-                yield {
-                    "BITHUMAN_API_URL": f"{base}/v1/runtime-tokens/request",
-                    "BITHUMAN_API_SECRET": SERVICE_KEY,
-                }
-    elif mode == "dispatch":
-        async with avatar_worker(
-            server, tmp_path, "avatars-real", "--allow-gestures-from", "viewer"
-        ):
-            yield {
-                "AVATARHUB_TEST_AVATAR_KWARGS": json.dumps({"mode": "dispatch"}),
-                "AVATARHUB_AGENT_NAME": "avatars-real",
-            }
-    else:
-        raise AssertionError(mode)
-
-
 @pytest.mark.parametrize("mode", ["local", "participant", "official", "dispatch"])
 async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
     if mode == "official" and not official_cloud_mode():
         pytest.skip("this livekit-plugins-bithuman has no cloud mode")
     agent_name, room_name = f"speaker-{mode}", f"room-{mode}"
     async with (
-        backend(mode, real_livekit, tmp_path) as env,
+        avatar_backend(mode, real_livekit, tmp_path) as env,
         speaking_agent(
             real_livekit,
             tmp_path,

@@ -1,0 +1,258 @@
+"""Glass-to-glass latency and lip sync, measured at a real subscriber in a real LiveKit room.
+
+    python bench/bench_glass_to_glass.py [--runs 3 --modes floor,local,official-local,...]
+
+A real LiveKit server on loopback (``scripts/install-livekit``). In each mode, speech made of
+20 tone bursts with sharp onsets (0.3 s of tone, 0.4-0.8 s of silence, paced as a streaming
+TTS sends it) leaves the agent, and a subscriber in the room records when each onset arrives
+in the avatar's audio and when the demo avatar's mouth opens on the decoded video. Per run it
+prints the distribution of
+
+* (a) agent speech -> audio at the subscriber,
+* (b) agent speech -> mouth open on the subscriber's frames,
+* (c) the audio/video offset at the subscriber (mouth open - audio onset; > 0: video late).
+
+The modes, each a separate agent process dispatched by LiveKit, as a user runs one:
+
+* ``floor``: a bare publisher of precomputed frames (mouth open from the onset's frame) and
+  the bursts, through LiveKit's ``AVSynchronizer`` with this package's publish settings: what
+  LiveKit's own path costs, whatever renders the avatar;
+* ``local``: ``examples/cloud_style.py`` on the demo avatar, rendered in the agent's job;
+* ``official-local``: ``livekit-plugins-bithuman`` in local mode on the same demo runtime;
+* ``participant``: ``mode="participant"``, rendered by ``serve``;
+* ``dispatch``: ``mode="dispatch"``, rendered by a ``worker start`` process.
+
+Every time is ``time.monotonic()``, one clock for every process on the machine. Audio is timed
+when the subscriber's 10 ms piece arrives (LiveKit delivers it at playout pace), video when the
+decoded frame arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+MODES = ("floor", "local", "official-local", "participant", "dispatch")
+LOUD = 0.05  # rms of a 10 ms piece at the subscriber (the tone is at 0.35)
+OPEN, SHUT = 0.10, 0.03  # share of the mouth box painted as an open mouth
+
+
+def rising(
+    times: list[float], values: list[float], high: float, low: float, quiet: float
+) -> list[float]:
+    """Times at which ``values`` goes above ``high`` having stayed below ``low`` for ``quiet``
+    seconds before (a speech onset, not a syllable inside a burst)."""
+    out: list[float] = []
+    below_since: float | None = None
+    for at, value in zip(times, values, strict=True):
+        if value > high:
+            if below_since is not None and at - below_since >= quiet:
+                out.append(at)
+            below_since = None
+        elif value < low:
+            if below_since is None:
+                below_since = at
+        # in between: neither open nor shut, keeps the state
+    return out
+
+
+def match(sent: list[float], seen: list[float], window: float = 0.7) -> list[float | None]:
+    """For each sent onset, the delay to the first seen onset after it (within ``window``)."""
+    out: list[float | None] = []
+    for t in sent:
+        later = [s - t for s in seen if 0 <= s - t < window]
+        out.append(min(later) if later else None)
+    return out
+
+
+def times_of(log: str, word: str) -> list[float]:
+    return [float(line.split()[0]) for line in log.splitlines() if line.split()[1:2] == [word]]
+
+
+# -- the floor: a bare publisher -----------------------------------------------------------
+
+
+async def floor_child(url: str, token: str) -> None:
+    """Publish the bursts and precomputed frames through LiveKit's own AV path, printing the
+    moment each onset is captured."""
+    from livekit import rtc
+    from livekit_plugins_avatarhub.rendering.demo import DemoRuntime, FrameState
+    from livekit_plugins_avatarhub.rendering.publish import VideoPublishOptions
+
+    runtime = DemoRuntime()
+    width, height = runtime.output_size
+
+    def picture(mouth: float) -> rtc.VideoFrame:
+        bgr = runtime.render(FrameState(0, mouth, None, 0.0, mouth > 0))
+        rgba = np.dstack([bgr[..., ::-1], np.full(bgr.shape[:2], 255, np.uint8)])
+        return rtc.VideoFrame(width, height, rtc.VideoBufferType.RGBA, rgba.tobytes())
+
+    shut, opened = picture(0.0), picture(1.0)
+    room = rtc.Room()
+    await room.connect(url, token)
+    audio = rtc.AudioSource(16000, 1, queue_size_ms=100)
+    video = rtc.VideoSource(width, height)
+    sync = rtc.AVSynchronizer(audio_source=audio, video_source=video, video_fps=25)
+    await room.local_participant.publish_track(
+        rtc.LocalAudioTrack.create_audio_track("audio", audio),
+        rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE),
+    )
+    await room.local_participant.publish_track(
+        rtc.LocalVideoTrack.create_video_track("video", video),
+        VideoPublishOptions().track_options(25, width, height),
+    )
+    await asyncio.sleep(3.0)  # the subscriber finds both tracks
+    rate, step = 16000, 640  # one 40 ms frame's audio per video frame
+    t = np.arange(int(0.3 * rate)) / rate
+    tone = (np.sin(2 * np.pi * 300 * t) * 0.5 * 32767).astype(np.int16)
+    gaps = np.random.default_rng(7)
+    silence = np.zeros(step, np.int16)
+    print(f"{time.monotonic():.3f} speaking", flush=True)
+    for n in range(20):
+        frames = [tone[i : i + step] for i in range(0, tone.size, step)]
+        frames += [silence] * (int(gaps.integers(20, 41)) // 2)
+        for i, pcm in enumerate(frames):
+            if i == 0:
+                print(f"{time.monotonic():.3f} burst {n}", flush=True)
+            await sync.push(opened if pcm.any() else shut)
+            await sync.push(rtc.AudioFrame(pcm.tobytes(), rate, 1, pcm.size))
+    await audio.wait_for_playout()
+    print(f"{time.monotonic():.3f} said sample 0", flush=True)
+    await asyncio.sleep(2.0)
+    await sync.aclose()
+    await room.disconnect()
+
+
+# -- one mode, one run -------------------------------------------------------------------
+
+
+async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, list[float | None]]:
+    from livekit import rtc
+
+    from livekit_real import Subscriber, until
+    from real_processes import avatar_backend, dispatched_avatar, speaking_agent
+
+    room = f"g2g-{mode}-{run}"
+    async with Subscriber(server, room) as sub:
+        if mode == "floor":
+            token = server.token("floor", room)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--child-floor",
+                server.url,
+                token,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, identity="floor")
+            await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity="floor")
+            sub.record(avatar)
+            out, _ = await asyncio.wait_for(proc.communicate(), 120)
+            log = out.decode()
+        else:
+            name = f"g2g-{mode}-{run}"
+            async with (
+                avatar_backend(mode, server, tmp) as env,
+                speaking_agent(
+                    server,
+                    tmp,
+                    name,
+                    AVATARHUB_TEST_MODE=mode,
+                    AVATARHUB_TEST_SPEECH="bursts",
+                    AVATARHUB_TEST_SAYS="1",
+                    **env,
+                ) as agent,
+            ):
+                avatar = await dispatched_avatar(sub, name)
+                sub.record(avatar)
+                await until(lambda: "said sample 0" in agent.text(), 120, "the bursts said")
+                await asyncio.sleep(0.5)
+                log = agent.text()
+        await sub.stop_recording()
+    sent = times_of(log, "burst")
+    heard = rising([s.at for s in sub.audio], [s.rms for s in sub.audio], LOUD, LOUD / 4, 0.2)
+    seen = rising([s.at for s in sub.video], [s.mouth for s in sub.video], OPEN, SHUT, 0.15)
+    audio_delay = match(sent, heard)
+    video_delay = match(sent, seen)
+    offset = [
+        v - a if a is not None and v is not None else None
+        for a, v in zip(audio_delay, video_delay, strict=True)
+    ]
+    return {"audio": audio_delay, "video": video_delay, "offset": offset}
+
+
+def describe(values: list[float | None]) -> str:
+    got = sorted(1000 * v for v in values if v is not None)
+    missed = len(values) - len(got)
+    if not got:
+        return f"nothing matched ({missed} missed)"
+    p95 = got[min(len(got) - 1, round(0.95 * (len(got) - 1)))]
+    text = (
+        f"p50 {statistics.median(got):6.1f}  p95 {p95:6.1f}  "
+        f"min {got[0]:6.1f}  max {got[-1]:6.1f} ms"
+    )
+    return text + (f"  ({missed} of {len(values)} unmatched)" if missed else "")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    from livekit_real import find_tool, running_server
+
+    binary = find_tool("livekit-server")
+    if binary is None:
+        sys.exit("livekit-server is not installed: run `bash scripts/install-livekit`")
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            sys.exit(f"unknown mode {mode!r}: pick from {', '.join(MODES)}")
+    results: dict[str, list[dict[str, list[float | None]]]] = {m: [] for m in modes}
+    with tempfile.TemporaryDirectory() as tmp, running_server(binary, Path(tmp)) as server:
+        for run in range(args.runs):
+            for mode in modes:  # interleaved, so a slow moment of the machine hits every mode
+                work = Path(tmp) / f"{mode}-{run}"
+                work.mkdir()
+                result = await measure(server, work, mode, run)
+                results[mode].append(result)
+                print(f"run {run + 1} {mode:15s} (b) {describe(result['video'])}", flush=True)
+    print()
+    for key, title in (
+        ("audio", "(a) agent speech -> audio at the subscriber"),
+        ("video", "(b) agent speech -> mouth open at the subscriber"),
+        ("offset", "(c) audio/video offset at the subscriber (> 0: video late)"),
+    ):
+        print(title)
+        for mode in modes:
+            for run, result in enumerate(results[mode]):
+                print(f"  {mode:15s} run {run + 1}: {describe(result[key])}")
+    if args.json:  # after the runs, nothing else waits on this loop
+        Path(args.json).write_text(json.dumps(results))  # noqa: ASYNC240
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--json", help="also write every delay to this file")
+    parser.add_argument("--child-floor", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_floor:
+        asyncio.run(floor_child(*args.child_floor))
+        return
+    os.environ.setdefault("AVATARHUB_LOG_LEVEL", "warning")
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
