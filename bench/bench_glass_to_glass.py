@@ -78,10 +78,6 @@ def match(sent: list[float], seen: list[float], window: float = 0.7) -> list[flo
     return out
 
 
-def times_of(log: str, word: str) -> list[float]:
-    return [float(line.split()[0]) for line in log.splitlines() if line.split()[1:2] == [word]]
-
-
 # -- the floor: a bare publisher -----------------------------------------------------------
 
 
@@ -115,18 +111,14 @@ async def floor_child(url: str, token: str) -> None:
         VideoPublishOptions().track_options(25, width, height),
     )
     await asyncio.sleep(3.0)  # the subscriber finds both tracks
+    from speaking_agent import burst_pcm
+
     rate, step = 16000, 640  # one 40 ms frame's audio per video frame
-    t = np.arange(int(0.3 * rate)) / rate
-    tone = (np.sin(2 * np.pi * 300 * t) * 0.5 * 32767).astype(np.int16)
-    gaps = np.random.default_rng(7)
-    silence = np.zeros(step, np.int16)
     print(f"{time.monotonic():.3f} speaking", flush=True)
-    for n in range(20):
-        frames = [tone[i : i + step] for i in range(0, tone.size, step)]
-        frames += [silence] * (int(gaps.integers(20, 41)) // 2)
-        for i, pcm in enumerate(frames):
-            if i == 0:
-                print(f"{time.monotonic():.3f} burst {n}", flush=True)
+    for n, burst in enumerate(burst_pcm(rate)):  # the bursts the agents speak
+        print(f"{time.monotonic():.3f} burst {n}", flush=True)
+        for start in range(0, burst.size, step):
+            pcm = burst[start : start + step]
             await sync.push(opened if pcm.any() else shut)
             await sync.push(rtc.AudioFrame(pcm.tobytes(), rate, 1, pcm.size))
     await audio.wait_for_playout()
@@ -143,7 +135,8 @@ async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, list
     from livekit import rtc
 
     from livekit_real import Subscriber, until
-    from real_processes import avatar_backend, dispatched_avatar, speaking_agent
+    from real_processes import avatar_backend, dispatched_avatar, speaking_agent, times
+    from speaking_agent import BURSTS
 
     room = f"g2g-{mode}-{run}"
     async with Subscriber(server, room) as sub:
@@ -182,7 +175,7 @@ async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, list
                 await asyncio.sleep(0.5)
                 log = agent.text()
         await sub.stop_recording()
-    sent = times_of(log, "burst")
+    sent = [times(log, f" burst {n}")[0] for n in range(BURSTS)]
     heard = rising([s.at for s in sub.audio], [s.rms for s in sub.audio], LOUD, LOUD / 4, 0.2)
     seen = rising([s.at for s in sub.video], [s.mouth for s in sub.video], OPEN, SHUT, 0.15)
     audio_delay = match(sent, heard)

@@ -21,6 +21,12 @@ HERE = Path(__file__).resolve().parent
 SERVICE_KEY = "service-key-for-real-rooms"
 
 
+def times(log: str, line: str) -> list[float]:
+    """When each line of a process's log (``say()``: a monotonic time, then what happened)
+    that ends with ``line`` was printed."""
+    return [float(row.split()[0]) for row in log.splitlines() if row.endswith(line)]
+
+
 class Process:
     def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
         self.proc, self.log = proc, log

@@ -78,25 +78,32 @@ async def speech(rate: int = 16000) -> AsyncIterator[rtc.AudioFrame]:
 BURSTS = 20  # tone bursts in the reply of AVATARHUB_TEST_SPEECH=bursts
 
 
-async def bursts(rate: int = 16000) -> AsyncIterator[rtc.AudioFrame]:
-    """A reply of sharp-onset tone bursts (0.3 s of 300 Hz, then 0.4-0.8 s of silence), paced
-    as speech; prints the moment each burst's first frame leaves the agent's code, which is
-    what the latency benchmark measures from."""
+def burst_pcm(rate: int = 16000) -> list[Any]:
+    """The bursts of AVATARHUB_TEST_SPEECH=bursts, one int16 array each: 0.3 s of 300 Hz at
+    half scale from its very first sample, then 0.4-0.8 s of silence (seeded, in 20 ms steps).
+    The latency benchmark's bare publisher sends the same ones."""
     import numpy as np
 
-    step = rate // 50  # 20 ms frames, as a streaming TTS sends them
     t = np.arange(int(0.3 * rate)) / rate
     tone = (np.sin(2 * np.pi * 300 * t) * 0.5 * 32767).astype(np.int16)
     gaps = np.random.default_rng(int(os.environ.get("AVATARHUB_TEST_SEED", "7")))
-    silence = np.zeros(step, np.int16)
+    step = rate // 50
+    return [
+        np.concatenate([tone, np.zeros(step * int(gaps.integers(20, 41)), np.int16)])
+        for _ in range(BURSTS)
+    ]
+
+
+async def bursts(rate: int = 16000) -> AsyncIterator[rtc.AudioFrame]:
+    """The bursts in 20 ms frames, paced as speech; prints the moment each burst's first
+    frame leaves the agent's code, which is what the latency benchmark measures from."""
+    step = rate // 50  # 20 ms frames, as a streaming TTS sends them
     loop = asyncio.get_running_loop()
     due = loop.time()
-    for n in range(BURSTS):
-        parts = [tone[i : i + step] for i in range(0, tone.size, step)]
-        parts += [silence] * int(gaps.integers(20, 41))
-        for i, part in enumerate(parts):
-            if i == 0:
-                say(f"burst {n}")
+    for n, pcm in enumerate(burst_pcm(rate)):
+        say(f"burst {n}")
+        for start in range(0, pcm.size, step):
+            part = pcm[start : start + step]
             yield rtc.AudioFrame(part.tobytes(), rate, 1, part.size)
             due += part.size / rate
             await asyncio.sleep(max(0.0, due - loop.time()))
@@ -192,8 +199,11 @@ def load_example(plugin_import: str) -> Any:
                 # the official plugin in local mode on the demo avatar's runtime
                 from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
 
-                kwargs = {"model_path": "demo.imx", "api_secret": "unused"}
-                kwargs["runtime"] = DemoRuntime()
+                kwargs = {
+                    "model_path": "demo.imx",
+                    "api_secret": "unused",
+                    "runtime": DemoRuntime(),
+                }
             super().__init__(*args, **kwargs)
             AVATARS.append(self)
 

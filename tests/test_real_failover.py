@@ -27,13 +27,10 @@ from real_processes import (
     avatar_worker,
     dispatched_avatar,
     speaking_agent,
+    times,
 )
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow, pytest.mark.real_once]
-
-
-def times(log: str, line: str) -> list[float]:
-    return [float(row.split()[0]) for row in log.splitlines() if row.endswith(line)]
 
 
 def replies(log: str) -> tuple[list[float], list[float]]:

@@ -26,7 +26,7 @@ import pytest
 from livekit import rtc
 
 from livekit_real import ADAPTS_RESOLUTION, Subscriber, until
-from real_processes import avatar_backend, dispatched_avatar, speaking_agent
+from real_processes import avatar_backend, dispatched_avatar, speaking_agent, times
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
 
@@ -87,9 +87,7 @@ async def test_the_avatar_speaks_in_a_real_room(real_livekit, tmp_path, mode):
     elif mode == "official":
         assert "avatar joined" in log or "no wait_for_join" in log
     # the interruption clears the reply: talking before it, the mouth shut from 0.5 s after
-    cut = next(
-        float(line.split()[0]) for line in log.splitlines() if line.endswith(" interrupting")
-    )
+    cut = times(log, " interrupting")[0]
     before = [s.mouth for s in sub.video if cut - 1.5 < s.at < cut]
     after = [s.mouth for s in sub.video if cut + 0.5 < s.at < cut + 2]
     assert max(before) > 0.15, "the interrupted reply was being spoken"
