@@ -225,8 +225,10 @@ def test_blinks_when_idle():
 async def test_demo_session_publishes_every_sample_at_25_fps():
     avatar = AvatarSession(avatar_id="demo", output_size=(W, H))
     async with running(avatar) as (session, room, capture):
-        handle = session.say("hello", audio=sine_frames(2.0))
+        # listening before the speech starts: the idle avatar publishes its tracks at once,
+        # and a stream attached after the first 10 ms of speech went out would miss them
         await capture.attach(room)
+        handle = session.say("hello", audio=sine_frames(2.0))
         await asyncio.wait_for(handle.wait_for_playout(), 10)
         await asyncio.sleep(0.3)
         assert isinstance(avatar.runtime, DemoRuntime)
