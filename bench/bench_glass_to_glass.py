@@ -15,8 +15,9 @@ prints the distribution of
 The modes, each a separate agent process dispatched by LiveKit, as a user runs one:
 
 * ``floor``: a bare publisher of precomputed frames (mouth open from the onset's frame) and
-  the bursts, through LiveKit's ``AVSynchronizer`` with this package's publish settings: what
-  LiveKit's own path costs, whatever renders the avatar;
+  the bursts, through LiveKit's ``AVSynchronizer`` with this package's publish settings, paced
+  at 25 frames a second as a runtime renders: what LiveKit's own path costs, whatever renders
+  the avatar;
 * ``local``: ``examples/cloud_style.py`` on the demo avatar, rendered in the agent's job;
 * ``official-local``: ``livekit-plugins-bithuman`` in local mode on the same demo runtime;
 * ``participant``: ``mode="participant"``, rendered by ``serve``;
@@ -114,6 +115,8 @@ async def floor_child(url: str, token: str) -> None:
     from speaking_agent import burst_pcm
 
     rate, step = 16000, 640  # one 40 ms frame's audio per video frame
+    loop = asyncio.get_running_loop()
+    due = loop.time()
     print(f"{time.monotonic():.3f} speaking", flush=True)
     for n, burst in enumerate(burst_pcm(rate)):  # the bursts the agents speak
         print(f"{time.monotonic():.3f} burst {n}", flush=True)
@@ -121,6 +124,9 @@ async def floor_child(url: str, token: str) -> None:
             pcm = burst[start : start + step]
             await sync.push(opened if pcm.any() else shut)
             await sync.push(rtc.AudioFrame(pcm.tobytes(), rate, 1, pcm.size))
+            # at the pace a runtime renders: LiveKit's queues stay as empty as they can be
+            due += step / rate
+            await asyncio.sleep(max(0.0, due - loop.time()))
     await audio.wait_for_playout()
     print(f"{time.monotonic():.3f} said sample 0", flush=True)
     await asyncio.sleep(2.0)

@@ -158,6 +158,13 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
         frames = REGISTRY.get_sample_value("avatarhub_job_frames_published_total") or 0
         rendered = REGISTRY.get_sample_value("avatarhub_job_rendered_seconds_total") or 0
         assert rendered > 0 and abs(rendered - frames / 25) < 1.0, "billed time follows frames"
+        # each job that published video has its time to first frame in the histogram
+        await until(
+            lambda: (
+                (REGISTRY.get_sample_value("avatarhub_job_first_frame_seconds_count") or 0) >= 2
+            ),
+            what="the jobs' first frames in Prometheus",
+        )
         failure = [r for r in caplog.records if "not a bitHuman agent code" in r.getMessage()]
         assert failure, "the bad job failed saying why"
         assert all(r.name != "room-bad" for r in job_rooms), "a bad job never entered a room"

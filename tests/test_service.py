@@ -780,3 +780,48 @@ async def test_rendered_seconds_are_counted_per_avatar_and_in_the_metrics(avatar
     text = (await client.get("/metrics")).text
     (line,) = [row for row in text.splitlines() if row.startswith("avatarhub_rendered_seconds")]
     assert float(line.split()[-1]) >= worker["rendered_seconds"]
+
+
+def sample(text: str, name: str) -> float:
+    """One sample's value in Prometheus text."""
+    (line,) = [row for row in text.splitlines() if row.split(" ")[0] == name]
+    return float(line.split()[-1])
+
+
+async def test_each_reply_s_playback_latency_and_the_first_frame_are_in_the_metrics(
+    avatar_service,
+):
+    """What a dashboard watches: per reply the time from the agent's speech in to the frame
+    carrying it out, per avatar its time to first frame and lip sync at the publisher; a
+    worker's numbers stay in the totals after it leaves."""
+    client, harness, _ = avatar_service
+    await client.post("/v1/agents/demo/join-room", json=join_body())
+    room = harness.rooms[0]
+    room.join("agent-1")
+    for _ in range(100):
+        if "lk.audio_stream" in room.byte_stream_handlers:
+            break
+        await asyncio.sleep(0.02)
+    for reply in (1, 2):
+        room.send_audio_stream("agent-1", tone(0.6))
+        for _ in range(100):
+            if sum(m == "lk.playback_finished" for _, m, _ in room.rpc_calls) == reply:
+                break
+            await asyncio.sleep(0.05)
+    (worker,) = (await client.get("/v1/workers")).json()["data"]
+    frames = worker["frames"]
+    assert frames["published"] > 25 and frames["dropped"] == 0
+    assert 0 < frames["first_frame_ms"] < 5000
+    # the demo renders at 25 fps: a reply goes out with the next frame or the one after
+    assert 0 < frames["playback_latency_ms"] < 200
+    assert abs(frames["av_offset_ms"]) < 200
+    text = (await client.get("/metrics")).text
+    assert sample(text, "avatarhub_playback_latency_seconds_count") == 2
+    assert 0 < sample(text, "avatarhub_playback_latency_seconds_sum") < 0.4
+    assert sample(text, "avatarhub_first_frame_seconds_count") == 1
+    assert sample(text, "avatarhub_frames_published_total") >= frames["published"]
+    assert abs(sample(text, "avatarhub_av_offset_seconds")) < 0.2
+    await client.post("/v1/agents/demo/leave-room", json={"room_name": "room-a"})
+    text = (await client.get("/metrics")).text
+    assert sample(text, "avatarhub_frames_published_total") >= frames["published"]
+    assert sample(text, "avatarhub_playback_latency_seconds_count") == 2

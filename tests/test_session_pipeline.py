@@ -311,3 +311,26 @@ async def test_a_stalled_event_loop_leaves_no_lasting_audio_delay(
     # a paced renderer adds 0-40 ms (the frame clock's phase); each queued frame of a burst
     # adds 40 more (median 75 ms here before stale pictures were skipped)
     assert delays[2] < 50, delays
+
+
+async def test_the_agent_s_metrics_stream_shows_the_avatar():
+    """Where livekit-agents has AvatarMetrics, an agent's metrics dashboard sees the avatar:
+    when it joined, and each reply's playback latency, under this package's name."""
+    from livekit_plugins_avatarhub import _compat
+
+    if not hasattr(_compat.AvatarSessionBase, "_emit_metrics"):
+        pytest.skip("this livekit-agents has no AvatarMetrics")
+    avatar = AvatarSession(avatar_id="demo", output_size=(320, 240))
+    seen = []
+    async with running(avatar) as (session, room, capture):
+        session.on("metrics_collected", lambda ev: seen.append(ev.metrics))
+        await capture.attach(room)
+        handle = session.say("hello", audio=sine_frames(0.6))
+        await asyncio.wait_for(handle.wait_for_playout(), 10)
+        await asyncio.sleep(0.2)
+    avatar_metrics = [m for m in seen if m.type == "avatar_metrics"]
+    assert {m.metadata.model_provider for m in avatar_metrics} == {"avatarhub"}
+    joined = [m for m in avatar_metrics if m.avatar_joined_time]
+    assert len(joined) == 1 and joined[0].avatar_joined_time >= joined[0].session_started_time
+    (reply,) = [m for m in avatar_metrics if m.playback_latency]
+    assert 0 < reply.playback_latency < 0.5

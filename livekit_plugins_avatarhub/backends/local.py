@@ -9,6 +9,7 @@ queue. LiveKit's server never delivers a participant's RPC to itself, so bitHuma
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -107,10 +108,13 @@ class LocalBackend:
     ) -> None:
         """Load the runtime, then route the agent's speech through it into ``room``. The
         LiveKit credentials are not needed: the agent's own connection publishes."""
+        begun_at = time.monotonic()  # its time to first frame counts from here
         try:
             runtime = await self._load_runtime()
             failover = Failover(reopen=self._reopen, on_state_changed=self.on_state_changed)
-            generator = await RuntimeVideoGenerator.create(runtime, live=True, failover=failover)
+            generator = await RuntimeVideoGenerator.create(
+                runtime, live=True, failover=failover, begun_at=begun_at
+            )
         except BaseException:
             await self._release_runtime()
             raise

@@ -111,7 +111,9 @@ class _JobMetrics:
     _made: dict[str, Any] = {}
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge
+        from prometheus_client import Counter, Gauge, Histogram
+
+        from ..rendering.generator import FIRST_FRAME_BUCKETS, LATENCY_BUCKETS
 
         made = type(self)._made  # one set per process: prometheus refuses a second
         if not made:
@@ -119,7 +121,12 @@ class _JobMetrics:
                 "avatarhub_job_frames_published", "video frames published by avatar jobs"
             )
             made["late"] = Counter(
-                "avatarhub_job_frames_dropped", "frames more than one frame period late"
+                "avatarhub_job_frames_late",
+                "video frames more than one frame period behind the avatar's frame clock",
+            )
+            made["dropped"] = Counter(
+                "avatarhub_job_frames_dropped",
+                "pictures not sent to catch up after a stall (their audio was)",
             )
             made["rendered"] = Counter(
                 "avatarhub_job_rendered_seconds",
@@ -130,17 +137,40 @@ class _JobMetrics:
                 "render lag of avatar jobs",
                 multiprocess_mode="max",
             )
-        self.frames, self.late, self.lag = made["frames"], made["late"], made["lag"]
-        self.rendered = made["rendered"]
-        self._seen = (0, 0, 0.0)
+            made["offset"] = Gauge(
+                "avatarhub_job_av_offset_seconds",
+                "lip sync at the publisher: how much later a spoken frame's picture leaves "
+                "LiveKit's queues than its audio (< 0: the picture leads)",
+                multiprocess_mode="max",
+            )
+            made["latency"] = Histogram(
+                "avatarhub_job_playback_latency_seconds",
+                "per reply: the agent's first audio in -> the first avatar frame carrying it out",
+                buckets=LATENCY_BUCKETS,
+            )
+            made["first"] = Histogram(
+                "avatarhub_job_first_frame_seconds",
+                "per avatar job: dispatched -> its first frame out (model load included)",
+                buckets=FIRST_FRAME_BUCKETS,
+            )
+        self._made = made
+        self._seen = (0, 0, 0, 0.0, 0)  # frames, late, dropped, rendered, replies
+        self._first_seen = False
 
     def update(self, stats: Any) -> None:
-        frames, late, rendered = stats.frames, stats.late, stats.rendered_seconds
-        self.frames.inc(frames - self._seen[0])
-        self.late.inc(late - self._seen[1])
-        self.rendered.inc(rendered - self._seen[2])
-        self.lag.set(stats.lag)
-        self._seen = (frames, late, rendered)
+        made, (frames, late, dropped, rendered, replies) = self._made, self._seen
+        made["frames"].inc(stats.frames - frames)
+        made["late"].inc(stats.late - late)
+        made["dropped"].inc(stats.stale - dropped)
+        made["rendered"].inc(stats.rendered_seconds - rendered)
+        made["lag"].set(stats.lag)
+        made["offset"].set(stats.av_offset)
+        for latency in stats.latencies_since(replies):
+            made["latency"].observe(latency)
+        if not self._first_seen and stats.first_frame is not None:
+            self._first_seen = True
+            made["first"].observe(stats.first_frame)
+        self._seen = (stats.frames, stats.late, stats.stale, stats.rendered_seconds, stats.replies)
 
 
 async def _report(worker: Any, agent_id: str, every: float) -> None:
@@ -150,23 +180,31 @@ async def _report(worker: Any, agent_id: str, every: float) -> None:
     except ImportError:  # prometheus-client comes with livekit-agents >= 1.x in most setups
         metrics = None
     ticks = 0
-    while True:
-        await asyncio.sleep(_METRICS_EVERY)
+    try:
+        while True:
+            await asyncio.sleep(_METRICS_EVERY)
+            stats = worker.frame_stats
+            if stats is None:
+                continue
+            if metrics is not None:
+                metrics.update(stats)
+            ticks += 1
+            if ticks * _METRICS_EVERY >= every:
+                ticks = 0
+                logger.info(
+                    "avatar %s: %d frames published, %d late, %d dropped, render lag %.0f ms, "
+                    "lip sync at the publisher %+.0f ms",
+                    agent_id,
+                    stats.frames,
+                    stats.late,
+                    stats.stale,
+                    stats.lag * 1000,
+                    stats.av_offset * 1000,
+                )
+    finally:  # the job ends: what it published since the last report counts too
         stats = worker.frame_stats
-        if stats is None:
-            continue
-        if metrics is not None:
+        if metrics is not None and stats is not None:
             metrics.update(stats)
-        ticks += 1
-        if ticks * _METRICS_EVERY >= every:
-            ticks = 0
-            logger.info(
-                "avatar %s: %d frames published, %d late, render lag %.0f ms",
-                agent_id,
-                stats.frames,
-                stats.late,
-                stats.lag * 1000,
-            )
 
 
 def _process_opener(userdata: dict[str, Any]) -> Any:

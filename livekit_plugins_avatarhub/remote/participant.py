@@ -129,11 +129,12 @@ class AvatarWorker:
 
     async def start(self) -> None:
         """Load the avatar and join the room; raises if either fails (nothing is left running)."""
+        begun_at = time.monotonic()  # its time to first frame counts from here
         try:
             self._opened = await self._opener(self.agent_id, self.model)
             failover = Failover(reopen=self._reopen, on_state_changed=self._on_avatar_state)
             generator = await RuntimeVideoGenerator.create(
-                self._opened.runtime, live=True, failover=failover
+                self._opened.runtime, live=True, failover=failover, begun_at=begun_at
             )
             self._generator = generator
             self.room = self._room_factory()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
@@ -30,6 +31,12 @@ RING_SPARE = 4
 SYNC_QUEUE_MS = 100
 # a reopened runtime that renders this long has recovered: a later failure starts afresh
 HEALTHY_SECONDS = 30.0
+# playback latencies a FrameStats keeps for its readers (replies last a second or more, and the
+# readers look every few seconds)
+LATENCIES_KEPT = 64
+#: the metrics' histogram buckets for them, seconds (bitHuman's docs promise 0.1-0.2 s a reply)
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+FIRST_FRAME_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
 
 def _bgr_to_rgb_converter() -> Any:
@@ -88,23 +95,52 @@ class FrameConverter:
 
 
 class FrameStats:
-    """How rendering keeps pace: frames out, frames later than one frame period, current lag.
+    """How rendering keeps pace, for the metrics: plain counters updated a few operations per
+    frame (read by the metrics at scrape time, never locked).
 
-    Plain counters updated once per frame (read by the metrics, never locked)."""
+    ``late``: frames more than one frame period behind the frame clock; ``stale``: pictures
+    not sent at all (their audio was; see :meth:`RuntimeVideoGenerator._render`);
+    ``playback_latency``: per reply, the agent's first audio frame in → the first frame
+    carrying it out (the last :data:`LATENCIES_KEPT` kept, ``replies`` counts them all);
+    ``first_frame``: ``begun_at`` → the first picture out; ``av_offset``: at the publisher,
+    how much later the last spoken frame's picture goes out than its audio (its wait in
+    LiveKit's video queue minus the audio queued before it; < 0: the picture leads)."""
 
-    __slots__ = ("fps", "frames", "lag", "late", "stale")
+    __slots__ = (
+        "av_offset",
+        "begun_at",
+        "first_frame",
+        "fps",
+        "frames",
+        "lag",
+        "late",
+        "playback_latency",
+        "replies",
+        "stale",
+    )
 
-    def __init__(self, fps: int = 25) -> None:
+    def __init__(self, fps: int = 25, begun_at: float | None = None) -> None:
         self.fps = fps
         self.frames = 0
         self.late = 0
         self.stale = 0  # catch-up pictures not sent (their audio was)
         self.lag = 0.0
+        self.begun_at = time.monotonic() if begun_at is None else begun_at
+        self.first_frame: float | None = None
+        self.playback_latency: deque[float] = deque(maxlen=LATENCIES_KEPT)
+        self.replies = 0
+        self.av_offset = 0.0
 
     @property
     def rendered_seconds(self) -> float:
         """Time the runtime has rendered (what bitHuman bills, idle frames included)."""
         return self.frames / self.fps if self.fps else 0.0
+
+    def latencies_since(self, seen: int) -> list[float]:
+        """The playback latencies of the replies after the first ``seen`` (for a reader that
+        keeps its own count: the service at each scrape, a job's reporter)."""
+        new = min(self.replies - seen, len(self.playback_latency))
+        return list(self.playback_latency)[-new:] if new > 0 else []
 
 
 class RuntimeVideoGenerator(VideoGenerator):
@@ -124,6 +160,7 @@ class RuntimeVideoGenerator(VideoGenerator):
         live: bool = False,
         failover: Failover | None = None,
         still: np.ndarray | None = None,
+        begun_at: float | None = None,
     ) -> None:
         self._runtime = runtime
         self._live = live
@@ -132,7 +169,11 @@ class RuntimeVideoGenerator(VideoGenerator):
         self._sample_rate = int(runtime.settings.INPUT_SAMPLE_RATE)
         ring = int(self._fps * SYNC_QUEUE_MS / 1000) + RING_SPARE
         self._convert = FrameConverter(width, height, ring)
-        self.stats = FrameStats(self._fps)
+        self.stats = FrameStats(self._fps, begun_at)
+        self._reply_in: float | None = None  # a reply's first audio in, until it goes out
+        self._hearing = False  # a reply's audio is coming in
+        self._playing = False  # a reply's audio is going out
+        self._queues: tuple[Any, Any] | None = None  # LiveKit's video queue and audio source
         self._failover = failover or Failover()
         self._still = still  # BGR: shown while the speech goes on without the runtime
         self._pending = PendingAudio()
@@ -151,10 +192,17 @@ class RuntimeVideoGenerator(VideoGenerator):
 
     @classmethod
     async def create(
-        cls, runtime: AvatarRuntime, *, live: bool = False, failover: Failover | None = None
+        cls,
+        runtime: AvatarRuntime,
+        *,
+        live: bool = False,
+        failover: Failover | None = None,
+        begun_at: float | None = None,
     ) -> RuntimeVideoGenerator:
         """``live=True`` for a consumer that paces frames by its own clock (LiveKit's
-        AvatarRunner); see :meth:`_render` for what that changes."""
+        AvatarRunner); see :meth:`_render` for what that changes. ``begun_at``
+        (``time.monotonic()``) is when the avatar was asked for: its time to first frame
+        counts from there."""
         first = await asyncio.to_thread(runtime.get_first_frame)
         if first is None or getattr(first, "ndim", 0) != 3:
             raise RuntimeLoadError(
@@ -167,6 +215,7 @@ class RuntimeVideoGenerator(VideoGenerator):
             live=live,
             failover=failover,
             still=first if live else None,
+            begun_at=begun_at,
         )
 
     @property
@@ -191,15 +240,24 @@ class RuntimeVideoGenerator(VideoGenerator):
     def audio_sample_rate(self) -> int:
         return self._sample_rate
 
+    def watch(self, sync: rtc.AVSynchronizer) -> None:
+        """Read the publisher's audio/video offset off ``sync``'s queues (see
+        :class:`FrameStats`); LiveKit keeps them private, so any it lacks reads as empty."""
+        self._queues = (getattr(sync, "_video_queue", None), getattr(sync, "_audio_source", None))
+
     async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
         live, rendering = self._live, self._state == "rendering"
         if isinstance(frame, AudioSegmentEnd):
+            self._hearing = False
             if live:
                 self._pending.end()
             if rendering:
                 await self._to_runtime(self._runtime.flush())
             return
-        self.last_audio_at = time.monotonic()  # the avatar service's inactivity rule reads it
+        self.last_audio_at = now = time.monotonic()  # the service's inactivity rule reads it
+        if not self._hearing:  # a reply begins: its playback latency counts from here, unless
+            self._hearing = True  # it waits behind the one still playing
+            self._reply_in = None if self._playing else now
         if live:
             self._pending.add(frame)  # a reference: kept until the runtime plays it back
         if rendering:
@@ -217,6 +275,8 @@ class RuntimeVideoGenerator(VideoGenerator):
 
     def clear_buffer(self) -> None:
         self._pending.clear()
+        self._hearing = self._playing = False
+        self._reply_in = None
         if self._state == "rendering":
             try:
                 self._runtime.interrupt()
@@ -400,9 +460,11 @@ class RuntimeVideoGenerator(VideoGenerator):
                 if item is None:
                     for frame in resample.flush():
                         yield frame
+                    self._playing = False
                     yield AudioSegmentEnd()
                     continue
                 budget -= item.duration
+                self._audio_out(time.monotonic())
                 for frame in resample(item):
                     yield frame
             if not pending and not pending.in_reply and self._replacement is not None:
@@ -461,10 +523,15 @@ class RuntimeVideoGenerator(VideoGenerator):
                 if live and burst and lag > period:
                     stats.stale += 1
                 else:
+                    if stats.first_frame is None:
+                        stats.first_frame = now - stats.begun_at
                     yield self._convert(frame.bgr_image)
             chunk = frame.audio_chunk
             if chunk is not None:
                 samples = chunk.array
+                self._audio_out(now)
+                if self._queues is not None:
+                    stats.av_offset = self._offset(period)
                 if live:
                     pending.played(len(samples), chunk.sample_rate)
                 yield rtc.AudioFrame(
@@ -474,9 +541,29 @@ class RuntimeVideoGenerator(VideoGenerator):
                     samples_per_channel=len(samples),
                 )
             if frame.end_of_speech:
+                self._playing = False
                 if live:
                     pending.played_end()
                 yield AudioSegmentEnd()
+
+    def _audio_out(self, now: float) -> None:
+        """A frame of a reply's audio goes out: that reply's playback latency, once."""
+        self._playing = True
+        began = self._reply_in
+        if began is not None:
+            self._reply_in = None
+            self.stats.playback_latency.append(now - began)
+            self.stats.replies += 1
+
+    def _offset(self, period: float) -> float:
+        """How much later this frame's picture leaves LiveKit's queues than its audio: the
+        picture waits behind those queued before it (on average half a period for itself),
+        the audio behind what the audio source still holds."""
+        assert self._queues is not None
+        video, audio = self._queues
+        ahead = video.qsize() if video is not None else 0
+        queued = float(getattr(audio, "queued_duration", 0.0) or 0.0)
+        return max(0.0, ahead - 0.5) * period - queued
 
     async def aclose(self) -> None:
         """End the stream and any attempt to bring the runtime back (the runtime is left to

@@ -140,9 +140,13 @@ def avatar_runner(
     publishing = PublishingRoom(
         room, video_options.track_options(generator.video_fps, width, height)
     )
-    return AvatarRunner(
+    runner = AvatarRunner(
         cast(rtc.Room, publishing), audio_recv=receiver, video_gen=generator, options=options
     )
+    watch = getattr(generator, "watch", None)
+    if watch is not None:  # the generator reads the publisher's lip sync off its queues
+        watch(runner.av_sync)
+    return runner
 
 
 async def close_runner(runner: Any) -> None:

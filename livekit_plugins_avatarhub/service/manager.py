@@ -13,10 +13,13 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..log import logger
 from ..remote.participant import AvatarWorker
+
+if TYPE_CHECKING:
+    from ..rendering.generator import FrameStats
 
 WorkerFactory = Callable[..., AvatarWorker]
 MAX_FAILED = 50
@@ -59,6 +62,7 @@ class WorkerInfo:
             "avatar_state": live.avatar_state if live else None,
             # what bitHuman bills: the time its runtime rendered, idle frames included
             "rendered_seconds": round(stats.rendered_seconds, 2) if stats is not None else 0.0,
+            **({"frames": frame_json(stats)} if stats is not None else {}),
             "listen_to": self.listen_to,
             "warnings": list(self.warnings),
             **({"dispatch_id": self.dispatch_id} if self.dispatch_id else {}),
@@ -303,3 +307,19 @@ class WorkerManager:
             if info.worker is not None:
                 await info.worker.stop()
         self._workers.clear()
+
+
+def frame_json(stats: FrameStats) -> dict[str, Any]:
+    """One avatar's frames and timings as ``/v1/workers`` shows them (times in ms)."""
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000, 1)
+
+    return {
+        "published": stats.frames,
+        "late": stats.late,
+        "dropped": stats.stale,
+        "first_frame_ms": ms(stats.first_frame),
+        "playback_latency_ms": ms(stats.playback_latency[-1] if stats.playback_latency else None),
+        "av_offset_ms": ms(stats.av_offset),
+    }
