@@ -251,6 +251,30 @@ def mouth_openness(rgba: np.ndarray, box: tuple[int, int, int, int]) -> float:
     return float(inside.mean())
 
 
+class ViewerVideoStream(rtc.VideoStream):
+    """A viewer's video stream that keeps every frame the room delivers, as a browser's
+    renderer does. LiveKit's native receive path keeps only the newest frame unless asked
+    otherwise (``queue_size_frames``, default 1), so a test process one frame period late on a
+    busy 2-core machine counted frames the avatar published and the room delivered as lost
+    ("native video stream queue overflow")."""
+
+    def _create_owned_stream(self) -> Any:
+        from livekit.rtc._ffi_client import FfiClient
+        from livekit.rtc._proto import ffi_pb2, video_frame_pb2
+
+        assert self._track is not None
+        req = ffi_pb2.FfiRequest()
+        new = req.new_video_stream
+        new.track_handle = self._track._ffi_handle.handle
+        new.type = video_frame_pb2.VideoStreamType.VIDEO_STREAM_NATIVE
+        if self._format is not None:
+            new.format = self._format
+        new.normalize_stride = True
+        if "queue_size_frames" in new.DESCRIPTOR.fields_by_name:  # rtc >= 1.1: unbounded
+            new.queue_size_frames = 0
+        return FfiClient.instance.request(req).new_video_stream.stream
+
+
 class Subscriber:
     """A viewer in a room: finds a participant's tracks and records what arrives."""
 
@@ -342,7 +366,7 @@ class Subscriber:
         self._tasks.clear()
 
     async def _video(self, track: rtc.Track) -> None:
-        stream = rtc.VideoStream(track, format=rtc.VideoBufferType.RGBA)
+        stream = ViewerVideoStream(track, format=rtc.VideoBufferType.RGBA)
         box: tuple[int, int, int, int] | None = None
         size = (0, 0)
         try:
