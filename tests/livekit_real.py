@@ -409,6 +409,15 @@ class Subscriber:
         n = sum(1 for s in self.video if since <= s.shown < until)
         return n / (until - since)
 
+    def frames_each_second(self, since: float, until: float) -> list[int]:
+        """Frames shown in each whole second of the span: where a low rate came from, for a
+        failure message (the call's ramp-up, one stall, or all along)."""
+        counts = [0] * max(1, int(until - since))
+        for s in self.video:
+            if since <= s.shown < since + len(counts):
+                counts[int(s.shown - since)] += 1
+        return counts
+
     def loud_audio(self, threshold: float = 0.02) -> list[AudioSample]:
         return [s for s in self.audio if s.rms > threshold]
 

@@ -146,7 +146,7 @@ async def test_chromium_decodes_the_avatar_at_its_size_and_rate_and_hears_it(
     fps = max(
         (b["video"]["framesDecoded"] - a["video"]["framesDecoded"])
         / ((b["video"]["at"] - a["video"]["at"]) / 1000)
-        for a, b in zip(samples, samples[5:])
+        for a, b in zip(samples, samples[5:], strict=False)
     )
     assert fps >= 24, f"{fps:.1f} frames decoded per second at best over 5 s"
     assert audio["totalSamplesReceived"] > first["audio"]["totalSamplesReceived"]
