@@ -12,12 +12,18 @@ prints the distribution of
 * (b) agent speech -> mouth open on the subscriber's frames,
 * (c) the audio/video offset at the subscriber (mouth open - audio onset; > 0: video late).
 
+It also prints the CPU of the publishing process (every thread of it and of its children,
+LiveKit's native encoder threads included) while it speaks, in % of one core, where that
+process is the agent's (``floor*``, ``local``, ``official-local``): the comparison of CPU per
+avatar with encoding, and what each publish setting costs.
+
 The modes, each a separate agent process dispatched by LiveKit, as a user runs one:
 
 * ``floor``: a bare publisher of precomputed frames (mouth open from the onset's frame) and
-  the bursts, through LiveKit's ``AVSynchronizer`` with this package's publish settings, paced
-  at 25 frames a second as a runtime renders: what LiveKit's own path costs, whatever renders
-  the avatar;
+  the bursts, through LiveKit's ``AVSynchronizer`` with this package's publish settings (H.264,
+  one layer, 720p), paced at 25 frames a second as a runtime renders: what LiveKit's own path
+  costs, whatever renders the avatar;
+* ``floor-vp8``, ``floor-simulcast``, ``floor-540p``: the same with one setting changed;
 * ``local``: ``examples/cloud_style.py`` on the demo avatar, rendered in the agent's job;
 * ``official-local``: ``livekit-plugins-bithuman`` in local mode on the same demo runtime;
 * ``participant``: ``mode="participant"``, rendered by ``serve``;
@@ -46,7 +52,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-MODES = ("floor", "local", "official-local", "participant", "dispatch")
+MODES = (
+    "floor",
+    "floor-vp8",
+    "floor-simulcast",
+    "floor-540p",
+    "local",
+    "official-local",
+    "participant",
+    "dispatch",
+)
+#: the bare publisher's settings per mode: codec, simulcast, height
+FLOORS = {
+    "floor": ("h264", False, 720),
+    "floor-vp8": ("vp8", False, 720),
+    "floor-simulcast": ("h264", True, 720),
+    "floor-540p": ("h264", False, 540),
+}
 LOUD = 0.05  # rms of a 10 ms piece at the subscriber (the tone is at 0.35)
 OPEN, SHUT = 0.10, 0.03  # share of the mouth box painted as an open mouth
 
@@ -82,18 +104,24 @@ def match(sent: list[float], seen: list[float], window: float = 0.7) -> list[flo
 # -- the floor: a bare publisher -----------------------------------------------------------
 
 
-async def floor_child(url: str, token: str) -> None:
-    """Publish the bursts and precomputed frames through LiveKit's own AV path, printing the
-    moment each onset is captured."""
+async def floor_child(url: str, token: str, mode: str) -> None:
+    """Publish the bursts and precomputed frames through LiveKit's own AV path with ``mode``'s
+    settings, printing the moment each onset is captured."""
+    import cv2
+
     from livekit import rtc
     from livekit_plugins_avatarhub.rendering.demo import DemoRuntime, FrameState
     from livekit_plugins_avatarhub.rendering.publish import VideoPublishOptions
 
+    codec, simulcast, height = FLOORS[mode]
     runtime = DemoRuntime()
-    width, height = runtime.output_size
+    full_width, full_height = runtime.output_size
+    width = round(full_width * height / full_height / 2) * 2
 
     def picture(mouth: float) -> rtc.VideoFrame:
         bgr = runtime.render(FrameState(0, mouth, None, 0.0, mouth > 0))
+        if height != full_height:
+            bgr = cv2.resize(bgr, (width, height), interpolation=cv2.INTER_AREA)
         rgba = np.dstack([bgr[..., ::-1], np.full(bgr.shape[:2], 255, np.uint8)])
         return rtc.VideoFrame(width, height, rtc.VideoBufferType.RGBA, rgba.tobytes())
 
@@ -109,7 +137,7 @@ async def floor_child(url: str, token: str) -> None:
     )
     await room.local_participant.publish_track(
         rtc.LocalVideoTrack.create_video_track("video", video),
-        VideoPublishOptions().track_options(25, width, height),
+        VideoPublishOptions(codec=codec, simulcast=simulcast).track_options(25, width, height),
     )
     await asyncio.sleep(3.0)  # the subscriber finds both tracks
     from speaking_agent import burst_pcm
@@ -137,7 +165,54 @@ async def floor_child(url: str, token: str) -> None:
 # -- one mode, one run -------------------------------------------------------------------
 
 
-async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, list[float | None]]:
+class TreeCpu:
+    """CPU seconds of a process and all its children, sampled 4 times a second: the
+    publishing process's threads (LiveKit's native encoder threads are threads of it) and the
+    job processes an agent worker forks."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.samples: list[tuple[float, float]] = []
+        self._seen: dict[int, float] = {}  # a child that ended keeps what it had used
+        self._task = asyncio.create_task(self._run())
+
+    def _total(self) -> float:
+        import psutil
+
+        for proc in [self.root, *self.root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            self._seen[proc.pid] = times.user + times.system
+        return sum(self._seen.values())
+
+    async def _run(self) -> None:
+        import psutil
+
+        while True:
+            try:
+                self.samples.append((time.monotonic(), self._total()))
+            except psutil.Error:
+                return
+            await asyncio.sleep(0.25)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    def share(self, since: float, until: float) -> float | None:
+        """% of one core between two moments (the samples nearest inside them)."""
+        inside = [(t, c) for t, c in self.samples if since <= t <= until]
+        if len(inside) < 2 or inside[-1][0] - inside[0][0] < 1:
+            return None
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return 100 * (c1 - c0) / (t1 - t0)
+
+
+async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, Any]:
     from livekit import rtc
 
     from livekit_real import Subscriber, until
@@ -145,8 +220,9 @@ async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, list
     from speaking_agent import BURSTS
 
     room = f"g2g-{mode}-{run}"
+    cpu: TreeCpu | None = None
     async with Subscriber(server, room) as sub:
-        if mode == "floor":
+        if mode in FLOORS:
             token = server.token("floor", room)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -154,8 +230,10 @@ async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, list
                 "--child-floor",
                 server.url,
                 token,
+                mode,
                 stdout=asyncio.subprocess.PIPE,
             )
+            cpu = TreeCpu(proc.pid)
             avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, identity="floor")
             await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity="floor")
             sub.record(avatar)
@@ -175,6 +253,8 @@ async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, list
                     **env,
                 ) as agent,
             ):
+                if mode in ("local", "official-local"):  # the agent publishes the avatar
+                    cpu = TreeCpu(agent.proc.pid)
                 avatar = await dispatched_avatar(sub, name)
                 sub.record(avatar)
                 await until(lambda: "said sample 0" in agent.text(), 120, "the bursts said")
@@ -182,6 +262,10 @@ async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, list
                 log = agent.text()
         await sub.stop_recording()
     sent = [times(log, f" burst {n}")[0] for n in range(BURSTS)]
+    share = None
+    if cpu is not None:
+        await cpu.stop()
+        share = cpu.share(sent[0], times(log, "said sample 0")[0])
     heard = rising([s.at for s in sub.audio], [s.rms for s in sub.audio], LOUD, LOUD / 4, 0.2)
     seen = rising([s.at for s in sub.video], [s.mouth for s in sub.video], OPEN, SHUT, 0.15)
     audio_delay = match(sent, heard)
@@ -190,7 +274,7 @@ async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, list
         v - a if a is not None and v is not None else None
         for a, v in zip(audio_delay, video_delay, strict=True)
     ]
-    return {"audio": audio_delay, "video": video_delay, "offset": offset}
+    return {"audio": audio_delay, "video": video_delay, "offset": offset, "cpu": share}
 
 
 def describe(values: list[float | None]) -> str:
@@ -216,7 +300,7 @@ async def main_async(args: argparse.Namespace) -> None:
     for mode in modes:
         if mode not in MODES:
             sys.exit(f"unknown mode {mode!r}: pick from {', '.join(MODES)}")
-    results: dict[str, list[dict[str, list[float | None]]]] = {m: [] for m in modes}
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp, running_server(binary, Path(tmp)) as server:
         for run in range(args.runs):
             for mode in modes:  # interleaved, so a slow moment of the machine hits every mode
@@ -225,6 +309,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 result = await measure(server, work, mode, run)
                 results[mode].append(result)
                 print(f"run {run + 1} {mode:15s} (b) {describe(result['video'])}", flush=True)
+                if result["cpu"] is not None:
+                    print(f"run {run + 1} {mode:15s} cpu {result['cpu']:.1f} %", flush=True)
     print()
     for key, title in (
         ("audio", "(a) agent speech -> audio at the subscriber"),
@@ -235,6 +321,26 @@ async def main_async(args: argparse.Namespace) -> None:
         for mode in modes:
             for run, result in enumerate(results[mode]):
                 print(f"  {mode:15s} run {run + 1}: {describe(result[key])}")
+    print("CPU of the publishing process while it speaks, % of one core (per run; median)")
+    floor = [r["cpu"] for r in results.get("floor", []) if r["cpu"] is not None]
+    for mode in modes:
+        shares = [r["cpu"] for r in results[mode] if r["cpu"] is not None]
+        if not shares:
+            continue
+        line = f"  {mode:15s} " + " ".join(f"{v:5.1f}" for v in shares)
+        line += f"   median {statistics.median(shares):5.1f}"
+        if floor and mode != "floor":
+            line += f"   {statistics.median(shares) / statistics.median(floor):.2f}x the floor"
+        print(line)
+    ours = [r["cpu"] for r in results.get("local", []) if r["cpu"] is not None]
+    theirs = [r["cpu"] for r in results.get("official-local", []) if r["cpu"] is not None]
+    if ours and theirs:  # same runs, interleaved
+        ratios = [a / b for a, b in zip(ours, theirs, strict=False)]
+        print(
+            "  local / official-local per run: "
+            + " ".join(f"{r:.2f}" for r in ratios)
+            + f"   median {statistics.median(ratios):.2f}"
+        )
     if args.json:  # after the runs, nothing else waits on this loop
         Path(args.json).write_text(json.dumps(results))  # noqa: ASYNC240
 
@@ -244,7 +350,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--json", help="also write every delay to this file")
-    parser.add_argument("--child-floor", nargs=2, metavar=("URL", "TOKEN"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child-floor", nargs=3, metavar=("URL", "TOKEN", "MODE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.child_floor:
         asyncio.run(floor_child(*args.child_floor))

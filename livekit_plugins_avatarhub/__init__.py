@@ -29,6 +29,7 @@ from .exceptions import (
     AvatarNotFoundError,
     BitHumanException,
     CacheError,
+    CapacityError,
     CloudOnlyError,
     ConfigurationError,
     InsufficientBalanceError,

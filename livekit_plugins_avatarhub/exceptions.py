@@ -17,6 +17,7 @@ Several also subclass a builtin, and the API errors LiveKit's own, so that gener
     ├── IntegrityError                         downloaded bytes do not match size / sha256
     ├── AgentGenerationFailedError             an agent build ended in ``failed``
     ├── AgentNotReadyError (TimeoutError)      an agent was still building when the wait ended
+    ├── CapacityError                          no room for another avatar now (retry_after)
     └── APIError (livekit.agents.APIError)     talking to the bitHuman REST API failed
         ├── APIConnectionError (livekit.agents.APIConnectionError, ConnectionError)
         │   └── APITimeoutError (TimeoutError)  past the API deadline, or a stalled download
@@ -174,6 +175,16 @@ class AgentGenerationFailedError(AvatarHubError):
 
 class AgentNotReadyError(AvatarHubError, TimeoutError):
     """An agent was still being built when the wait timed out."""
+
+
+class CapacityError(AvatarHubError):
+    """No room for another avatar now: every slot of ``serve`` is taken, or no avatar worker
+    took the dispatched job (none registered under the agent name, or every one full).
+    ``retry_after`` says, in seconds, when asking again may succeed."""
+
+    def __init__(self, message: str, *, retry_after: float = 30.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 #: every exception class above (and the ``BitHumanException`` alias), derived rather than listed

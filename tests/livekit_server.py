@@ -194,6 +194,7 @@ class FakeLiveKitServer:
                 job=job, url=self.url.replace("http", "ws"), token=token
             )
             self.assigned.append(assignment)
+            dispatch.state.jobs.append(job)  # as LiveKit lists the dispatch's jobs
             await worker.ws.send_bytes(
                 agent.ServerMessage(assignment=assignment).SerializeToString()
             )

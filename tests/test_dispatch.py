@@ -174,6 +174,50 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
         await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 20)
 
 
+async def test_a_dispatch_no_worker_takes_is_withdrawn_and_refused_with_retry_after(
+    livekit_server, monkeypatch
+):
+    """LiveKit drops a dispatch no worker takes and never offers it again. `serve --dispatch`
+    must not answer "dispatched" for it: it withdraws it and answers 503 with Retry-After, and
+    the next try, once a worker has room, is a fresh dispatch that lands."""
+    from livekit_plugins_avatarhub.remote import dispatcher
+    from livekit_plugins_avatarhub.service.dispatched import DispatchManager
+
+    from service_harness import serve
+
+    monkeypatch.setattr(dispatcher, "ASSIGN_TIMEOUT", 1.0)  # 10 s against a real LiveKit
+
+    flutter = {
+        "room_url": livekit_server.url,
+        "room_token": lkapi.AccessToken(LK_KEY, LK_SECRET)
+        .with_identity("avatar-7")
+        .with_kind("agent")
+        .with_grants(lkapi.VideoGrants(room_join=True, room="room-full"))
+        .to_jwt(),
+    }
+    manager = DispatchManager(AvatarDispatcher())
+    async with serve(manager) as client:
+        refused = await client.post("/v1/agents/demo/join-room", json=flutter, timeout=15)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "5"
+        error = refused.json()["error"]
+        assert error["code"] == "CAPACITY" and "worker start" in error["message"], error
+        assert livekit_server.dispatches.get("room-full", []) == [], "withdrawn, not left dead"
+        # a dispatch from before (a replica's, or one LiveKit dropped) is not mistaken for one
+        # that runs: it is withdrawn and asked for afresh
+        stale = await manager.dispatcher._client().agent_dispatch.create_dispatch(
+            lkapi.CreateAgentDispatchRequest(
+                agent_name="avatarhub-avatar",
+                room="room-full",
+                metadata=AvatarJob("demo", participant_identity="avatar-7").to_metadata(),
+            )
+        )
+        again = await client.post("/v1/agents/demo/join-room", json=flutter, timeout=15)
+        assert again.status_code == 503
+        assert livekit_server.dispatches.get("room-full", []) == []
+        assert stale.id not in str(again.json())
+
+
 def test_one_agent_name_variable_names_the_workers_on_every_side(monkeypatch):
     """AVATARHUB_AGENT_NAME set on every machine: the worker registers under it, and both the
     agent's mode="dispatch" and `serve --dispatch` dispatch to it (the real-room tests run
@@ -221,10 +265,95 @@ def test_capacity_follows_the_machine():
     options = worker_options(max_avatars=4)
     assert options.agent_name == "avatarhub-avatar"
     load = options.load_fnc
-    fake = type("W", (), {"active_jobs": [1, 2, 3]})()
+    fake = type("W", (), {"active_jobs": running("a", "b", "c")})()
     assert load(fake) == 0.75 < options.load_threshold  # room for a fourth
-    fake.active_jobs = [1, 2, 3, 4]
+    fake.active_jobs = running("a", "b", "c", "d")
     assert load(fake) == 1.0 >= options.load_threshold  # full: LiveKit sends no more jobs
+
+
+def running(*job_ids: str) -> list:
+    """LiveKit's ``RunningJobInfo`` of a worker's active jobs, as far as load and admission
+    read them."""
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(job=SimpleNamespace(id=job_id)) for job_id in job_ids]
+
+
+class Request:
+    """What LiveKit's ``request_fnc`` is handed: the job, and its accept / reject answers."""
+
+    def __init__(self, job_id: str) -> None:
+        from types import SimpleNamespace
+
+        self.job = SimpleNamespace(id=job_id, metadata=AvatarJob("demo").to_metadata())
+        self.answer: str | None = None
+
+    async def accept(self, **_: object) -> None:
+        self.answer = "accepted"
+
+    async def reject(self) -> None:
+        self.answer = "rejected"
+
+
+async def test_a_burst_of_jobs_never_puts_a_worker_above_its_capacity():
+    """LiveKit marks a worker full only at its next load report: three requests before it
+    must not give a 2-avatar worker three avatars. The third is refused (LiveKit offers it to
+    the next worker), the load counts the promised ones, and a slot frees when a job ends."""
+    options = worker_options(max_avatars=2)
+    worker = type("W", (), {"active_jobs": []})()
+    assert options.load_fnc(worker) == 0.0
+    burst = [Request(f"AJ_{n}") for n in range(3)]
+    for request in burst:
+        await options.request_fnc(request)
+    assert [r.answer for r in burst] == ["accepted", "accepted", "rejected"]
+    assert options.load_fnc(worker) == 1.0, "promised slots count before the jobs run"
+    worker.active_jobs = running("AJ_0", "AJ_1")  # both started
+    late = Request("AJ_3")
+    await options.request_fnc(late)
+    assert late.answer == "rejected" and options.load_fnc(worker) == 1.0
+    worker.active_jobs = running("AJ_1")  # one avatar left
+    again = Request("AJ_4")
+    await options.request_fnc(again)
+    assert again.answer == "accepted"
+
+
+async def test_a_worker_that_cannot_reach_livekit_says_where_and_retries(tmp_path):
+    """`worker start` pointed at a LiveKit that is not there (a closed port) starts, says which
+    host it cannot reach and why, and keeps trying with growing waits (LiveKit's own worker
+    loop), instead of exiting or hanging silently; the API secret is in none of it."""
+    import re
+
+    from livekit_real import free_port
+    from real_processes import spawn
+
+    port = free_port()  # nobody listens on it
+    secret = "unreachable-secret-0123456789abcdef"
+    worker = await spawn(
+        "worker",
+        tmp_path,
+        *("-m", "livekit_plugins_avatarhub", "worker", "--http-port", "0", "start"),
+        LIVEKIT_URL=f"ws://127.0.0.1:{port}",
+        LIVEKIT_API_KEY="avatarhub-key",
+        LIVEKIT_API_SECRET=secret,
+        AVATARHUB_AGENT_NAME="avatars-unreachable",
+    )
+
+    def retries() -> list[str]:
+        return [
+            line for line in worker.text().splitlines() if "failed to connect to livekit" in line
+        ]
+
+    try:
+        await until(lambda: len(retries()) >= 3, timeout=90, what="three connection attempts")
+        assert worker.alive(), "the worker keeps running while LiveKit is away"
+    finally:
+        worker.proc.kill()
+        await worker.proc.wait()
+    lines = retries()
+    assert all(f"127.0.0.1:{port}" in line for line in lines), lines[0]  # where, and why
+    waits = [int(m) for line in lines for m in re.findall(r"retrying in (\d+)s", line)]
+    assert waits[:3] == sorted(waits[:3]) and waits[2] > waits[0], f"a growing backoff: {waits}"
+    assert secret not in worker.text()
 
 
 async def test_worker_command_registers_and_drains_on_sigterm(livekit_server, tmp_path):

@@ -58,6 +58,7 @@ PUBLIC = {
     "InsufficientBalanceError",
     "BitHumanException",
     "APITimeoutError",
+    "CapacityError",
 }
 
 

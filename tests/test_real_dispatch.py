@@ -13,7 +13,7 @@ import pytest
 from livekit.agents import AgentSession, APIConnectOptions
 
 from livekit import api, rtc
-from livekit_plugins_avatarhub import AvatarHubError, AvatarSession
+from livekit_plugins_avatarhub import AvatarSession, CapacityError
 from livekit_plugins_avatarhub.remote.dispatcher import AvatarDispatcher
 from livekit_plugins_avatarhub.remote.protocol import AvatarJob
 from livekit_plugins_avatarhub.service.dispatched import DispatchManager
@@ -36,6 +36,38 @@ async def dispatches(server, room: str, agent_name: str = "avatarhub-avatar") ->
 
 
 @pytest.fixture
+async def job_taker(livekit_env):
+    """LiveKit's own worker, registered as the avatar workers are, that takes every job and
+    does nothing with it: LiveKit lists a job for each dispatch it hands out, which is what
+    the dispatcher waits for, without an avatar rendering in these bookkeeping tests."""
+    from livekit.agents import JobExecutorType, WorkerOptions
+
+    from livekit_plugins_avatarhub._compat import agent_worker
+
+    async def take(ctx) -> None:
+        return None
+
+    worker, run = agent_worker(
+        WorkerOptions(
+            entrypoint_fnc=take,
+            agent_name="avatarhub-avatar",
+            job_executor_type=JobExecutorType.THREAD,
+            port=0,
+            ws_url=livekit_env.url,
+            api_key=livekit_env.api_key,
+            api_secret=livekit_env.api_secret,
+        )
+    )
+    registered = asyncio.Event()  # LiveKit drops a dispatch nobody is registered for
+    worker.on("worker_registered", lambda *_: registered.set())
+    running = asyncio.create_task(run())
+    await asyncio.wait_for(registered.wait(), 30)
+    yield worker
+    await worker.aclose()
+    await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 20)
+
+
+@pytest.fixture
 async def rooms(livekit_env):
     """Makes rooms exist, as an app or agent in them does: LiveKit answers ListDispatch for a
     room nobody created with 503 "no response from servers"."""
@@ -49,7 +81,7 @@ async def rooms(livekit_env):
     await lkapi.aclose()
 
 
-async def test_dispatcher_keeps_one_avatar_per_agent_and_room(livekit_env, rooms):
+async def test_dispatcher_keeps_one_avatar_per_agent_and_room(livekit_env, rooms, job_taker):
     await rooms("dispatch-a")
     one, other = AvatarDispatcher(), AvatarDispatcher()  # two replicas of a service
     try:
@@ -83,7 +115,7 @@ async def test_dispatcher_with_wrong_credentials_gets_livekits_refusal(livekit_e
     assert await dispatches(livekit_env, "dispatch-b") == []
 
 
-async def test_serve_dispatch_turns_requests_into_dispatches(livekit_env, rooms):
+async def test_serve_dispatch_turns_requests_into_dispatches(livekit_env, rooms, job_taker):
     await rooms("dispatch-f", "dispatch-l")
     replicas = [DispatchManager(AvatarDispatcher()) for _ in range(2)]
     server = livekit_env
@@ -142,7 +174,9 @@ async def agent_room(livekit_env, request):
     await room.disconnect()
 
 
-async def test_session_in_dispatch_mode_sends_a_worker_into_its_own_room(livekit_env, agent_room):
+async def test_session_in_dispatch_mode_sends_a_worker_into_its_own_room(
+    livekit_env, agent_room, job_taker
+):
     from livekit.agents.voice.avatar import DataStreamAudioOutput
 
     from livekit_plugins_avatarhub.backends.relay import AvatarRelay
@@ -189,10 +223,15 @@ async def test_session_in_dispatch_mode_sends_a_worker_into_its_own_room(livekit
 
 
 async def test_dispatch_mode_says_when_no_worker_takes_the_avatar(livekit_env, agent_room):
-    """Nobody registered under the agent name: LiveKit drops the dispatch without a word, so
-    the session waits its join timeout, withdraws the dispatch and says what to run."""
+    """Nobody registered under the agent name: LiveKit drops the dispatch without a word and
+    lists no job for it, so the session withdraws it within seconds, well before its join
+    timeout, and says what to run."""
+    import time
+
     avatar = AvatarSession(avatar_id="demo", mode="dispatch", conn_options=APIConnectOptions())
-    avatar._backend.join_timeout = 0.5  # type: ignore[attr-defined]
-    with pytest.raises(AvatarHubError, match="worker start"):
+    started = time.monotonic()
+    with pytest.raises(CapacityError, match="worker start") as info:
         await avatar.start(AgentSession(), room=agent_room)
+    assert time.monotonic() - started < 20, "told after the assignment wait, not the join's"
+    assert info.value.retry_after > 0
     assert await dispatches(livekit_env, agent_room.name) == [], "withdrawn"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from livekit import rtc
 
-from ..exceptions import AvatarHubError
+from ..exceptions import AvatarHubError, CapacityError
 from ..log import logger
 from ..remote.dispatcher import AvatarDispatcher
 from ..remote.protocol import AvatarJob
@@ -86,6 +86,9 @@ class DispatchBackend:
         )
         try:
             await dispatcher.ensure(room.name, job)
+        except CapacityError:  # no worker took it: withdrawn, and the error says what to do
+            await dispatcher.aclose()
+            raise
         except Exception as err:
             await dispatcher.aclose()
             raise livekit_refusal(err, dispatcher.url) from None

@@ -3,21 +3,38 @@
 One avatar per (agent, room): :meth:`AvatarDispatcher.ensure` lists the room's dispatches first
 and creates one only when none for that avatar exists, so any number of callers (``serve
 --dispatch`` replicas, agents in ``mode="dispatch"``) converge on one. LiveKit then hands the job
-to an avatar worker with room for it (``avatar_jobs``): there is no scheduler of ours.
+to an avatar worker with room for it (``remote.jobs``), weighted by the load each reports:
+there is no scheduler of ours.
+
+LiveKit offers a dispatch's job once, when it is created, and drops it without a word when no
+worker takes it (none registered under the agent name, or every one full); the dispatch stays
+listed, jobless, for good. So ``ensure`` waits until LiveKit lists a job for it and otherwise
+withdraws it and raises :class:`CapacityError`: the caller is told to try again, and the next
+try is a fresh dispatch LiveKit offers again, instead of a request lost in a dead one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..config import livekit_credentials
-from ..exceptions import ConfigurationError
+from ..exceptions import CapacityError, ConfigurationError
 from ..log import logger
 from .protocol import AvatarJob
 from .protocol import agent_name as default_agent_name
 
 if TYPE_CHECKING:
     from livekit import api
+
+#: how long LiveKit may take to hand a new dispatch's job to a worker: ~1 s when one has room,
+#: ~5 s for the first dispatch after a worker registers or once a minute (LiveKit then asks
+#: every node which agent names are served, waiting up to 5 s), and it waits up to 10 s for a
+#: worker's answer; then when a refused caller should ask again (a slot frees when an avatar
+#: leaves, and workers report their load every few seconds)
+ASSIGN_TIMEOUT = 10.0
+RETRY_AFTER = 5.0
 
 
 class AvatarDispatcher:
@@ -62,20 +79,64 @@ class AvatarDispatcher:
             found.append(dispatch)
         return found
 
-    async def ensure(self, room: str, job: AvatarJob) -> tuple[str, bool]:
-        """Dispatch ``job`` into ``room`` unless it is there already: (dispatch id, created)."""
+    async def ensure(
+        self, room: str, job: AvatarJob, *, assign_timeout: float | None = None
+    ) -> tuple[str, bool]:
+        """Dispatch ``job`` into ``room`` unless it is there already, and wait until a worker
+        took it (up to ``assign_timeout``, :data:`ASSIGN_TIMEOUT` by default): (dispatch id,
+        created). :class:`CapacityError` when none did."""
         from livekit import api
 
+        if assign_timeout is None:
+            assign_timeout = ASSIGN_TIMEOUT
+
         existing = await self.find(room, job.agent_id)
-        if existing:
-            return str(existing[0].id), False
+        for dispatch in existing:
+            if dispatch.state.jobs:
+                return str(dispatch.id), False
+        if existing:  # another caller's, perhaps still being placed: wait for it a while
+            if await self._assigned(room, existing[0].id, assign_timeout / 2):
+                return str(existing[0].id), False
+            for dispatch in existing:  # LiveKit dropped it and will never offer it again
+                await self._withdraw(room, dispatch.id)
+            logger.info("withdrew avatar %s's unassigned dispatch in room %s", job.agent_id, room)
         dispatch = await self._client().agent_dispatch.create_dispatch(
             api.CreateAgentDispatchRequest(
                 agent_name=self.agent_name, room=room, metadata=job.to_metadata()
             )
         )
+        if not await self._assigned(room, dispatch.id, assign_timeout):
+            await self._withdraw(room, dispatch.id)
+            raise CapacityError(
+                f"no avatar worker took the avatar {job.agent_id} for room {room} within "
+                f"{assign_timeout:g}s: none is registered as {self.agent_name!r} (`python -m "
+                "livekit_plugins_avatarhub worker start`), or every one is full",
+                retry_after=RETRY_AFTER,
+            )
         logger.info("dispatched avatar %s into room %s (%s)", job.agent_id, room, dispatch.id)
         return str(dispatch.id), True
+
+    async def _assigned(self, room: str, dispatch_id: str, timeout: float) -> bool:
+        """Whether LiveKit lists a job for the dispatch within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            dispatch = await self._client().agent_dispatch.get_dispatch(dispatch_id, room)
+            if dispatch is None:
+                return False  # withdrawn meanwhile (leave-room)
+            if dispatch.state.jobs:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+
+    async def _withdraw(self, room: str, dispatch_id: str) -> None:
+        from livekit import api
+
+        try:
+            await self._client().agent_dispatch.delete_dispatch(dispatch_id, room)
+        except api.TwirpError as err:
+            if err.code != "not_found":  # another caller withdrew it first
+                raise
 
     async def remove(self, room: str, agent_id: str) -> list[AvatarJob]:
         """Delete the avatar's dispatch and take its participant out of the room."""

@@ -253,26 +253,76 @@ def default_capacity() -> int:
     return max(1, min(cpus, memory))
 
 
+class Slots:
+    """A worker's avatars against its capacity, for LiveKit's load report and for admission.
+
+    LiveKit stops offering jobs to a worker only once a load report says it is full (every
+    few seconds), and offers each job to one worker at a time, weighted by free capacity. A
+    burst of requests between two reports would put a worker above ``max_avatars``, so a job
+    is also refused here when every slot is taken or promised; LiveKit then offers it to the
+    next worker. A promise (accepted, not yet running) lapses after ``promise_for`` seconds,
+    in case LiveKit never assigns the job."""
+
+    def __init__(self, capacity: int, promise_for: float = 10.0) -> None:
+        self.capacity, self._promise_for = capacity, promise_for
+        self._worker: Any = None
+        self._promised: dict[str, float] = {}
+
+    def taken(self) -> int:
+        import time
+
+        running = {info.job.id for info in self._worker.active_jobs} if self._worker else set()
+        now = time.monotonic()
+        self._promised = {
+            job_id: at
+            for job_id, at in self._promised.items()
+            if job_id not in running and now - at < self._promise_for
+        }
+        return len(running) + len(self._promised)
+
+    def load(self, worker: Any) -> float:
+        self._worker = worker  # LiveKit's worker calls this from its start on
+        return min(1.0, self.taken() / self.capacity)
+
+    def claim(self, job_id: str) -> bool:
+        import time
+
+        if self.taken() >= self.capacity:
+            return False
+        self._promised[job_id] = time.monotonic()
+        return True
+
+    async def admit(self, request: JobRequest) -> None:
+        """LiveKit's ``request_fnc``: refuse when full, else accept as the job asks."""
+        if not self.claim(request.job.id):
+            logger.info(
+                "avatar job %s refused: this worker is full (%d avatars)",
+                request.job.id,
+                self.capacity,
+            )
+            await request.reject()
+            return
+        await accept_job(request)
+
+
 def worker_options(
     *, agent_name: str | None = None, max_avatars: int | None = None, **options: Any
 ) -> Any:
     """LiveKit ``WorkerOptions`` for an avatar worker: explicit dispatch under ``agent_name``,
-    load = active avatars / ``max_avatars`` (full at capacity)."""
+    load = avatars / ``max_avatars`` (full at capacity), no job above it (:class:`Slots`)."""
     from livekit.agents import WorkerOptions
 
     capacity = max_avatars or default_capacity()
     if capacity < 1:
         raise ConfigurationError("max_avatars must be at least 1")
-
-    def load(worker: Any) -> float:
-        return min(1.0, len(worker.active_jobs) / capacity)
+    slots = Slots(capacity)
 
     return WorkerOptions(
         entrypoint_fnc=run_job,
-        request_fnc=accept_job,
+        request_fnc=slots.admit,
         prewarm_fnc=prewarm,
         agent_name=protocol.agent_name(agent_name),
-        load_fnc=load,
+        load_fnc=slots.load,
         # full with `capacity` jobs, available below (LiveKit wants a threshold under 1)
         load_threshold=(capacity - 0.5) / capacity,
         **options,

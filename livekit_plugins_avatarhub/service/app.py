@@ -19,12 +19,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..exceptions import CLOUD_PLUGIN_HINT, AvatarHubError, ConfigurationError
+from ..exceptions import CLOUD_PLUGIN_HINT, AvatarHubError, CapacityError, ConfigurationError
 from ..ids import check_avatar, check_model
 from ..log import logger
 from ..remote.protocol import DEFAULT_IDLE_TIMEOUT, session_limit
 from ..remote.tokens import token_identity, token_room
-from .manager import AvatarManager, CapacityError, WorkerInfo, WorkerManager
+from .manager import AvatarManager, WorkerInfo, WorkerManager
 from .metrics import ServiceMetrics
 from .readiness import Readiness
 
@@ -32,7 +32,6 @@ MANAGER: web.AppKey[AvatarManager] = web.AppKey("manager")
 METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics", ServiceMetrics)
 BACKGROUND: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("background", set)
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
-RETRY_AFTER_SECONDS = 30
 _FIELD_LIMIT = 16 * 1024  # bytes of one form field
 _PHOTO_FIELDS = ("image", "avatar_image", "avatar_image_url")
 _PHOTO_REFUSAL = (
@@ -88,7 +87,7 @@ def create_app(manager: AvatarManager, *, key: str) -> web.Application:
                 503,
                 "CAPACITY",
                 f"{err}; try again later",
-                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                {"Retry-After": str(max(1, round(err.retry_after)))},
             )
         except AvatarHubError as err:
             return _error(422, "AVATAR_UNAVAILABLE", str(err))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..exceptions import CapacityError
 from ..log import logger
 from ..remote.participant import AvatarWorker
 
@@ -24,10 +25,6 @@ if TYPE_CHECKING:
 WorkerFactory = Callable[..., AvatarWorker]
 MAX_FAILED = 50
 FAILED_TTL = 3600.0
-
-
-class CapacityError(Exception):
-    """Every worker slot is taken."""
 
 
 @dataclass
