@@ -29,30 +29,24 @@ pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
 AGENT_NAME = "avatars-fleet"
 
 
-async def rendering(server, room: str) -> bool:
-    """Whether the room has an avatar participant publishing video, as LiveKit lists it."""
-    lkapi = server.api()
-    try:
-        found = await lkapi.room.list_participants(api.ListParticipantsRequest(room=room))
-    finally:
-        await lkapi.aclose()
-    from livekit.protocol import models
-
-    return any(
-        p.kind == models.ParticipantInfo.Kind.AGENT
-        and any(t.type == models.TrackType.VIDEO for t in p.tracks)
-        for p in found.participants
-    )
-
-
 async def who(server, room: str) -> list[tuple[str, int, list[int]]]:
-    """Who is in the room and what they publish, as LiveKit lists it (for failure messages)."""
+    """Who is in the room, their kind and the types of what they publish, as LiveKit lists it."""
     lkapi = server.api()
     try:
         found = await lkapi.room.list_participants(api.ListParticipantsRequest(room=room))
     finally:
         await lkapi.aclose()
     return [(p.identity, p.kind, [t.type for t in p.tracks]) for p in found.participants]
+
+
+async def rendering(server, room: str) -> bool:
+    """Whether the room has an avatar participant publishing video, as LiveKit lists it."""
+    from livekit.protocol import models
+
+    return any(
+        kind == models.ParticipantInfo.Kind.AGENT and models.TrackType.VIDEO in types
+        for _, kind, types in await who(server, room)
+    )
 
 
 def listen(publication: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
@@ -103,17 +97,21 @@ async def test_six_avatars_on_two_workers_of_two_slots(real_livekit, tmp_path, m
             )
             return room, (answer, time.monotonic() - started)
 
+        async def avatar_for(room: rtc.Room) -> None:
+            """An agent's dispatch-mode avatar in ``room`` (closed on the way out)."""
+            avatar = AvatarSession(avatar_id="demo", mode="dispatch")
+            session = AgentSession()
+            agents.append((room, avatar, session))
+            await avatar.start(session, room=room)
+
         async def by_agent(n: int) -> tuple[str, object]:
             room = rtc.Room()
             await room.connect(
                 real_livekit.url, real_livekit.token(f"agent-{n}", f"fleet-{n}", kind="agent")
             )
-            avatar = AvatarSession(avatar_id="demo", mode="dispatch")
-            session = AgentSession()
-            agents.append((room, avatar, session))
             started = time.monotonic()
             try:
-                await avatar.start(session, room=room)
+                await avatar_for(room)
             except CapacityError as err:
                 return room.name, (err, time.monotonic() - started)
             return room.name, ("joined", time.monotonic() - started)
@@ -164,11 +162,7 @@ async def test_six_avatars_on_two_workers_of_two_slots(real_livekit, tmp_path, m
                 room, (answer, _) = await by_flutter(int(retried.split("-")[1]))
                 assert answer.status_code == 200, answer.text
             else:
-                room_obj = next(r for r, _, _ in agents if r.name == retried)
-                avatar = AvatarSession(avatar_id="demo", mode="dispatch")
-                session = AgentSession()
-                agents.append((room_obj, avatar, session))
-                await avatar.start(session, room=room_obj)
+                await avatar_for(next(r for r, _, _ in agents if r.name == retried))
             deadline = time.monotonic() + 30
             while not await rendering(real_livekit, retried):
                 assert time.monotonic() < deadline, f"the retried avatar renders in {retried}"

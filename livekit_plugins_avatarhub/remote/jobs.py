@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..config import env_or
@@ -269,8 +270,6 @@ class Slots:
         self._promised: dict[str, float] = {}
 
     def taken(self) -> int:
-        import time
-
         running = {info.job.id for info in self._worker.active_jobs} if self._worker else set()
         now = time.monotonic()
         self._promised = {
@@ -285,8 +284,6 @@ class Slots:
         return min(1.0, self.taken() / self.capacity)
 
     def claim(self, job_id: str) -> bool:
-        import time
-
         if self.taken() >= self.capacity:
             return False
         self._promised[job_id] = time.monotonic()
