@@ -81,7 +81,9 @@ class AvatarRelay(AudioOutput):
         self.state: AvatarState = "rendering"
         self._remote: AudioOutput | None = None
         self._attach(datastream_output(room, identity))
-        self._plain: _PlainAudio | None = None
+        # the plain track is published now, so that listeners have subscribed to it before
+        # it is needed: audio sent to a track nobody has subscribed to yet is lost
+        self._plain = _PlainAudio(room, self._plain_finished)
         # the reply in progress: its frames (references), when it began, when the avatar
         # began to play it, whether all of it has been handed over
         self._segment: list[rtc.AudioFrame] = []
@@ -112,20 +114,20 @@ class AvatarRelay(AudioOutput):
         if self._remote is not None:
             await self._remote.capture_frame(frame)
         else:
-            self._plain_audio().put(frame)
+            self._plain.put(frame)
 
     def flush(self) -> None:
         super().flush()
         self._flushed = True
         if self._remote is not None:
             self._remote.flush()
-        elif self._plain is not None:
+        else:
             self._plain.end()
 
     def clear_buffer(self) -> None:
         if self._remote is not None:
             self._remote.clear_buffer()
-        elif self._plain is not None:
+        else:
             self._plain.clear()
 
     # -- the avatar's side ------------------------------------------------------------------
@@ -154,7 +156,7 @@ class AvatarRelay(AudioOutput):
         )
 
     def _begin_segment(self) -> None:
-        if self._back and self._remote is None and (self._plain is None or self._plain.idle):
+        if self._back and self._remote is None and self._plain.idle:
             self._take_back()
         self._in_segment, self._segment, self._flushed = True, [], False
         self._first_at, self._started_at = time.monotonic(), None
@@ -295,7 +297,7 @@ class AvatarRelay(AudioOutput):
         """The part of the reply in progress the avatar did not play, as plain audio."""
         start = self._started_at or self._first_at
         played = max(0.0, time.monotonic() - stopped_ago - start)
-        plain = self._plain_audio()
+        plain = self._plain
         plain.resume_at(played)
         for frame in _after(self._segment, played):
             plain.put(frame)
@@ -337,11 +339,6 @@ class AvatarRelay(AudioOutput):
             except Exception:
                 logger.exception("an avatar_state_changed handler failed")
 
-    def _plain_audio(self) -> _PlainAudio:
-        if self._plain is None:
-            self._plain = _PlainAudio(self._room, self._plain_finished)
-        return self._plain
-
     def _plain_finished(self, position: float, interrupted: bool) -> None:
         self._end_segment()
         self.on_playback_finished(playback_position=position, interrupted=interrupted)
@@ -361,8 +358,7 @@ class AvatarRelay(AudioOutput):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._plain is not None:
-            await self._plain.aclose()
+        await self._plain.aclose()
 
 
 def _connected(room: rtc.Room) -> bool:
@@ -398,8 +394,13 @@ def _after(frames: list[rtc.AudioFrame], seconds: float) -> list[rtc.AudioFrame]
     return out
 
 
+#: the plain track's rate, LiveKit's own Opus rate: speech at any other rate is resampled
+PLAIN_RATE = 48000
+
+
 class _PlainAudio:
-    """The agent's own audio track, published on first use, fed in real time by a task."""
+    """The agent's own audio track, published (silent) as soon as it is made, fed in real
+    time by a task when the avatar is gone."""
 
     def __init__(self, room: rtc.Room, finished: Callable[[float, bool], None]) -> None:
         self._room, self._finished = room, finished
@@ -407,6 +408,8 @@ class _PlainAudio:
         self._source: rtc.AudioSource | None = None
         self._resampler: rtc.AudioResampler | None = None
         self._position = 0.0  # of the reply in progress, in seconds handed to the source
+        self._published: asyncio.Task[rtc.AudioSource] = asyncio.ensure_future(self._publish())
+        self._published.add_done_callback(self._publish_done)
         self._task = asyncio.ensure_future(self._play())
         self.idle = True
 
@@ -437,24 +440,42 @@ class _PlainAudio:
             frame = await self._queue.get()
             if frame is None:  # the reply's end: report it once it has been heard
                 if self._source is not None:
+                    for piece in self._resampler.flush() if self._resampler else ():
+                        await self._source.capture_frame(piece)
                     await self._source.wait_for_playout()
                 if not self.idle:
                     self.idle = True
                     position, self._position = self._position, 0.0
                     self._finished(position, False)
                 continue
-            source = await self._source_for(frame)
+            source = await self._source_for()
+            if source is None:
+                continue
             for piece in self._resampled(frame, source.sample_rate):
                 await source.capture_frame(piece)
                 self._position += piece.samples_per_channel / piece.sample_rate
 
-    async def _source_for(self, frame: rtc.AudioFrame) -> rtc.AudioSource:
+    async def _publish(self) -> rtc.AudioSource:
+        source = rtc.AudioSource(PLAIN_RATE, 1)
+        track = rtc.LocalAudioTrack.create_audio_track("agent_audio", source)
+        options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+        await self._room.local_participant.publish_track(track, options)
+        return source
+
+    def _publish_done(self, task: asyncio.Task[rtc.AudioSource]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning(
+                "the agent could not publish its own audio track, so without the avatar its "
+                "speech is not heard: %s",
+                task.exception(),
+            )
+
+    async def _source_for(self) -> rtc.AudioSource | None:
+        """The published track's source; None when publishing failed."""
         if self._source is None:
-            source = rtc.AudioSource(frame.sample_rate, 1)
-            track = rtc.LocalAudioTrack.create_audio_track("agent_audio", source)
-            options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
-            await self._room.local_participant.publish_track(track, options)
-            self._source = source
+            await asyncio.wait([self._published])
+            if not self._published.cancelled() and self._published.exception() is None:
+                self._source = self._published.result()
         return self._source
 
     def _resampled(self, frame: rtc.AudioFrame, rate: int) -> list[rtc.AudioFrame]:
@@ -466,6 +487,7 @@ class _PlainAudio:
 
     async def aclose(self) -> None:
         self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        self._published.cancel()
+        await asyncio.gather(self._task, self._published, return_exceptions=True)
         if self._source is not None:
             await self._source.aclose()
