@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bithuman_server import FakeBithumanService
 from fakes import FakeBithuman, write_fake_model
-from livekit_real import REQUIRED, LiveKitServer, find_tool, running_server
+from livekit_real import REQUIRED, LiveKitServer, find_tool, running_redis, running_server
 
 _ENV = [
     "BITHUMAN_API_SECRET",
@@ -146,6 +146,26 @@ def real_livekit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitSe
         pytest.skip(message)
     with running_server(binary, tmp_path_factory.mktemp("livekit")) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def livekit_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LiveKitServer, LiveKitServer]]:
+    """Two LiveKit nodes sharing one Redis (LiveKit's multi-node mode), on loopback."""
+    binary, redis = find_tool("livekit-server"), find_tool("redis-server")
+    if binary is None or redis is None:
+        message = "livekit-server or redis-server is missing: run `bash scripts/install-tools`"
+        if REQUIRED:
+            pytest.fail(message)
+        pytest.skip(message)
+    workdir = tmp_path_factory.mktemp("cluster")
+    with (
+        running_redis(redis, workdir) as address,
+        running_server(binary, workdir, redis=address) as a,
+        running_server(binary, workdir, redis=address) as b,
+    ):
+        yield a, b
 
 
 @pytest.fixture

@@ -107,8 +107,9 @@ class LiveKitServer:
             "room": {"auto_create": True, "empty_timeout": 30, "departure_timeout": 5},
             "logging": {"level": "info", "json": True, "pion_level": "error"},
         }
-        if self.redis:
+        if self.redis:  # nodes of one cluster: rooms placed on any, signalling relayed
             config["redis"] = {"address": self.redis}
+            config["node_selector"] = {"kind": "any", "sort_by": "random"}
         return config
 
     def start(self, timeout: float = 30.0) -> LiveKitServer:
@@ -217,6 +218,45 @@ def running_server(binary: str, workdir: Path, **kwargs: Any) -> Iterator[LiveKi
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def running_redis(binary: str, workdir: Path, timeout: float = 15.0) -> Iterator[str]:
+    """Debian's ``redis-server`` on a free loopback port, keeping nothing on disk: its
+    ``host:port``. Each start is empty, so no node of an earlier cluster lingers in it."""
+    port = free_port()
+    log = (workdir / f"redis-{port}.log").open("ab")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        deadline = time.monotonic() + timeout
+        while not _redis_answers(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start on port {port}")
+            time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 # -- what a viewer receives ------------------------------------------------------------------

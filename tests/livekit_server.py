@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +119,7 @@ class FakeLiveKitServer:
         dispatch = agent_dispatch.AgentDispatch(
             id=f"AD_{next(_ids)}", agent_name=req.agent_name, room=req.room, metadata=req.metadata
         )
+        dispatch.state.created_at = time.time_ns()  # as LiveKit stamps it
         self.dispatches.setdefault(req.room, []).append(dispatch)
         asyncio.get_running_loop().create_task(self._place(dispatch))
         return dispatch, 200

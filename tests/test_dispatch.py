@@ -95,7 +95,7 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
 
     caplog.set_level(logging.INFO)
     options = worker_options(
-        max_avatars=4,
+        max_avatars=8,
         ws_url=livekit_server.url.replace("http", "ws"),
         api_key=LK_KEY,
         api_secret=LK_SECRET,
@@ -124,7 +124,7 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
         await until(lambda: job_rooms, what="the job to start")
         await job_rooms[0].wait_published(rtc.TrackKind.KIND_VIDEO)
         # load = active avatars / capacity, reported to LiveKit
-        await until(lambda: 0.25 in livekit_server.workers[0].loads, what="load 1/4")
+        await until(lambda: 0.125 in livekit_server.workers[0].loads, what="load 1/8")
 
         # a malformed job fails alone; the worker stays healthy and takes the next one
         bad = lkapi.CreateAgentDispatchRequest(
@@ -148,6 +148,35 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
         await next(r for r in job_rooms if r.name == "room-x").wait_published(
             rtc.TrackKind.KIND_VIDEO
         )
+        # replicas asking for one avatar at the same moment keep one dispatch between them
+        twin = AvatarDispatcher()
+        try:
+            kept = await asyncio.gather(
+                *(
+                    d.ensure("room-y", AvatarJob("demo", publish_on_behalf="agent-9"))
+                    for d in (dispatcher, twin)
+                )
+            )
+        finally:
+            await twin.aclose()
+        listed = [d.id for d in livekit_server.dispatches["room-y"]]
+        assert len(listed) == 1 and {i for i, _ in kept} == set(listed), (kept, listed)
+        # and a worker offered a newer dispatch of an avatar already in its room leaves it
+        newer = await dispatcher._client().agent_dispatch.create_dispatch(
+            lkapi.CreateAgentDispatchRequest(
+                agent_name="avatarhub-avatar",
+                room="room-y",
+                metadata=AvatarJob("demo", publish_on_behalf="agent-9").to_metadata(),
+            )
+        )
+        await until(
+            lambda: any(
+                f"dispatch {listed[0]} put avatar demo" in r.getMessage() for r in caplog.records
+            ),
+            what="the newer dispatch's job to leave",
+        )
+        assert newer.id != listed[0]
+        assert [r.name for r in job_rooms].count("room-y") == 1, "the avatar joined once"
         assert len(livekit_server.workers) == 1, "the worker stayed registered"
         from prometheus_client import REGISTRY
 

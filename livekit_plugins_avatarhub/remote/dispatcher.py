@@ -1,10 +1,11 @@
 """Sending avatar workers into rooms with LiveKit's ``AgentDispatchService`` (livekit-api).
 
 One avatar per (agent, room): :meth:`AvatarDispatcher.ensure` lists the room's dispatches first
-and creates one only when none for that avatar exists, so any number of callers (``serve
---dispatch`` replicas, agents in ``mode="dispatch"``) converge on one. LiveKit then hands the job
-to an avatar worker with room for it (``remote.jobs``), weighted by the load each reports:
-there is no scheduler of ours.
+and creates one only when none for that avatar exists; callers that create one at the same moment
+then keep the oldest and withdraw their own. So any number of callers (``serve --dispatch``
+replicas in front of any LiveKit node, agents in ``mode="dispatch"``) converge on one. LiveKit
+then hands the job to an avatar worker with room for it (``remote.jobs``), weighted by the load
+each reports: there is no scheduler of ours.
 
 LiveKit offers a dispatch's job once, when it is created, and drops it without a word when no
 worker takes it (none registered under the agent name, or every one full); the dispatch stays
@@ -35,6 +36,11 @@ if TYPE_CHECKING:
 #: leaves, and workers report their load every few seconds)
 ASSIGN_TIMEOUT = 10.0
 RETRY_AFTER = 5.0
+
+
+def oldest(dispatches: list[Any]) -> Any:
+    """The dispatch LiveKit created first (None for none): the one a room keeps."""
+    return min(dispatches, key=lambda d: (d.state.created_at, d.id), default=None)
 
 
 class AvatarDispatcher:
@@ -105,6 +111,19 @@ class AvatarDispatcher:
                 agent_name=self.agent_name, room=room, metadata=job.to_metadata()
             )
         )
+        first = await self._first(room, job.agent_id, dispatch)
+        if first.id != dispatch.id:  # another caller's came first: the room keeps that one
+            await self._withdraw(room, dispatch.id)
+            logger.info(
+                "avatar %s was dispatched into room %s by another caller", job.agent_id, room
+            )
+            if await self._assigned(room, first.id, assign_timeout):
+                return str(first.id), False
+            raise CapacityError(
+                f"no avatar worker took the avatar {job.agent_id} for room {room} within "
+                f"{assign_timeout:g}s",
+                retry_after=RETRY_AFTER,
+            )
         if not await self._assigned(room, dispatch.id, assign_timeout):
             await self._withdraw(room, dispatch.id)
             raise CapacityError(
@@ -115,6 +134,11 @@ class AvatarDispatcher:
             )
         logger.info("dispatched avatar %s into room %s (%s)", job.agent_id, room, dispatch.id)
         return str(dispatch.id), True
+
+    async def _first(self, room: str, agent_id: str, mine: Any) -> Any:
+        """Of the avatar's dispatches in the room, the oldest (callers that created one at the
+        same moment all see every dispatch older than their own, so they agree on it)."""
+        return oldest(await self.find(room, agent_id)) or mine
 
     async def _assigned(self, room: str, dispatch_id: str, timeout: float) -> bool:
         """Whether LiveKit lists a job for the dispatch within ``timeout`` seconds."""

@@ -72,6 +72,17 @@ async def run_job(ctx: JobContext) -> None:
     cannot be loaded) logs why and ends itself, so it never holds a slot of the worker."""
     try:
         job = AvatarJob.parse(ctx.job.metadata)  # before joining: a bad job never enters a room
+        first = await _first_dispatch(ctx, job)
+        if first is not None:
+            logger.info(
+                "avatar job %s leaves: the dispatch %s put avatar %s into room %s first",
+                ctx.job.id,
+                first,
+                job.agent_id,
+                ctx.job.room.name,
+            )
+            ctx.shutdown(reason="another dispatch of this avatar came first")
+            return
         worker = await _start_worker(ctx, job)
     except Exception as err:
         logger.error("avatar job %s failed: %s", ctx.job.id, err)
@@ -85,6 +96,28 @@ async def run_job(ctx: JobContext) -> None:
     if worker.error:
         logger.error("avatar %s stopped: %s", job.agent_id, worker.error)
     ctx.shutdown(reason=worker.error or "the avatar left the room")
+
+
+async def _first_dispatch(ctx: JobContext, job: AvatarJob) -> str | None:
+    """An older dispatch of the same avatar in the room, if any: callers that dispatched it at
+    the same moment keep the oldest (``AvatarDispatcher.ensure``), and so does the worker, so
+    the room never has the avatar twice, even before the newer dispatch is withdrawn. A
+    dispatch list that cannot be read lets the job run."""
+    from .dispatcher import AvatarDispatcher, oldest
+
+    try:
+        dispatcher = AvatarDispatcher(agent_name=ctx.job.agent_name or None)
+    except ConfigurationError:  # no LiveKit API credentials here
+        return None
+    try:
+        found = await dispatcher.find(ctx.job.room.name, job.agent_id)
+    except Exception as err:
+        logger.debug("listing the dispatches of room %s: %s", ctx.job.room.name, err)
+        return None
+    finally:
+        await dispatcher.aclose()
+    first = oldest(found)  # (this job's own dispatch, unless it was withdrawn already)
+    return None if first is None or first.id == ctx.job.dispatch_id else str(first.id)
 
 
 async def _start_worker(ctx: JobContext, job: AvatarJob) -> Any:

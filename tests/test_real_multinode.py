@@ -1,0 +1,144 @@
+"""Avatars on LiveKit's multi-node mode: two real server nodes sharing one Redis.
+
+An avatar worker registers with node A only. Users, agents and ``serve --dispatch`` replicas
+talk to either node: LiveKit places each room on a node, relays signalling and job dispatch
+between nodes over Redis, and the worker's job reaches it wherever the room lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from livekit.agents import AgentSession
+
+from livekit import api, rtc
+from livekit_plugins_avatarhub import AvatarSession
+from livekit_plugins_avatarhub.remote.dispatcher import AvatarDispatcher
+from livekit_plugins_avatarhub.service.dispatched import DispatchManager
+
+from livekit_real import Subscriber, until
+from real_processes import avatar_worker
+from service_harness import serve
+
+pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
+
+AGENT_NAME = "avatars-cluster"
+
+
+async def dispatches(server, room: str) -> list[str]:
+    """The avatar dispatches the node lists for the room (LiveKit adds one of its own, for
+    agent name "", to every room it creates)."""
+    lkapi = server.api()
+    try:
+        listed = await lkapi.agent_dispatch.list_dispatch(room_name=room)
+    finally:
+        await lkapi.aclose()
+    return [d.id for d in listed if d.agent_name == AGENT_NAME]
+
+
+async def watched(sub: Subscriber, seconds: float = 4.0) -> tuple[rtc.RemoteParticipant, float]:
+    """The avatar ``sub`` sees, and the frame rate of its video over ``seconds`` (20 at
+    least)."""
+    avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=60)
+    await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=avatar.identity)
+    sub.record(avatar)
+    await until(lambda: len(sub.video) > 0, 20, "the avatar's first frame")
+    await asyncio.sleep(1.0)  # past the call's ramp-up
+    since = time.monotonic()
+    await asyncio.sleep(seconds)
+    fps = sub.fps(since, time.monotonic())
+    assert fps >= 20, f"{fps:.1f} FPS: {sub.frames_each_second(since, time.monotonic())}"
+    return avatar, fps
+
+
+async def test_replicas_on_both_nodes_converge_on_one_avatar_rendered_via_the_other_node(
+    livekit_cluster, tmp_path
+):
+    """The Flutter join-room flow, asked of two ``serve --dispatch`` replicas at once, one in
+    front of each node; the room's user is on node B, the worker on node A."""
+    node_a, node_b = livekit_cluster
+    room = "cluster-join"
+    async with (
+        avatar_worker(node_a, tmp_path, AGENT_NAME) as worker,
+        serve(DispatchManager(AvatarDispatcher(**creds(node_a), agent_name=AGENT_NAME))) as on_a,
+        serve(DispatchManager(AvatarDispatcher(**creds(node_b), agent_name=AGENT_NAME))) as on_b,
+        Subscriber(node_b, room, identity="user") as user,
+    ):
+
+        async def join(service, node) -> object:
+            return await service.post(
+                "/v1/agents/demo/join-room",
+                json={
+                    "room_url": node.url,
+                    "room_token": node.token("avatar", room, kind="agent"),
+                    "listen_to": "user",
+                },
+                timeout=30,
+            )
+
+        answers = await asyncio.gather(join(on_a, node_a), join(on_b, node_b))
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        avatar, fps = await watched(user)
+        print(f"two nodes: the avatar reaches the user on node B at {fps:.1f} FPS")
+        assert avatar.identity == "avatar"
+        # one avatar: one dispatch kept, and both nodes list the same one
+        await until(
+            lambda: worker.text().count("is rendering in room") >= 1, 10, "the worker renders"
+        )
+        listed = [await dispatches(node, room) for node in (node_a, node_b)]
+        assert listed[0] == listed[1] and len(listed[0]) == 1, listed
+        assert worker.text().count("is rendering in room") == 1, "one avatar, not two"
+        agents = [
+            p.identity
+            for p in user.room.remote_participants.values()
+            if p.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+        ]
+        assert agents == ["avatar"], agents
+
+        gone = await on_b.post("/v1/agents/demo/leave-room", json={"room_name": room}, timeout=30)
+        assert gone.status_code == 200, gone.text
+        await user.wait_gone("avatar", 20)
+        assert await dispatches(node_a, room) == []
+
+
+async def test_an_agent_on_node_b_gets_its_avatar_from_a_worker_on_node_a(
+    livekit_cluster, tmp_path, monkeypatch
+):
+    """``AvatarSession(mode="dispatch")`` of an agent connected to node B, whose LiveKit API
+    is node B's: the job goes over Redis to the worker registered with node A."""
+    node_a, node_b = livekit_cluster
+    for name, value in node_b.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AVATARHUB_AGENT_NAME", AGENT_NAME)
+    room_name = "cluster-agent"
+    async with (
+        avatar_worker(node_a, tmp_path, AGENT_NAME) as worker,
+        Subscriber(node_b, room_name, identity="user") as user,
+    ):
+        room = rtc.Room()
+        await room.connect(node_b.url, node_b.token("agent", room_name, kind="agent"))
+        avatar, session = AvatarSession(avatar_id="demo", mode="dispatch"), AgentSession()
+        try:
+            await avatar.start(session, room=room)
+            seen, fps = await watched(user)
+            print(f"two nodes: an agent on node B, its avatar at {fps:.1f} FPS")
+            assert "is rendering in room" in worker.text()
+            lkapi = node_a.api()
+            try:
+                listed = await lkapi.room.list_participants(
+                    api.ListParticipantsRequest(room=room_name)
+                )
+            finally:
+                await lkapi.aclose()
+            on_a = {p.identity for p in listed.participants}
+            assert {"agent", "user", seen.identity} <= on_a, "node A lists the room of node B"
+        finally:
+            await avatar.aclose()
+            await session.aclose()
+            await room.disconnect()
+
+
+def creds(node) -> dict[str, str]:
+    return {"url": node.url, "api_key": node.api_key, "api_secret": node.api_secret}
