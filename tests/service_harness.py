@@ -17,6 +17,7 @@ from aiohttp import web
 
 from livekit import api as lkapi
 from livekit_plugins_avatarhub.exceptions import AvatarNotFoundError
+from livekit_plugins_avatarhub.remote.dispatcher import ASSIGN_TIMEOUT
 from livekit_plugins_avatarhub.remote.participant import AvatarWorker
 from livekit_plugins_avatarhub.rendering.demo import DemoRuntime
 from livekit_plugins_avatarhub.rendering.loader import OpenedAvatar
@@ -85,7 +86,11 @@ async def serve(manager: WorkerManager, *middlewares: Any) -> AsyncIterator[http
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {KEY}"}
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"authorization": f"Bearer {KEY}"},
+            # join-room answers once a worker took the job: up to ASSIGN_TIMEOUT, more than
+            # httpx's 5 s default when the first dispatch after registration is slow
+            timeout=httpx.Timeout(5.0, read=3 * ASSIGN_TIMEOUT),
         ) as client:
             yield client
     finally:

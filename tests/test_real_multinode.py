@@ -22,7 +22,7 @@ from livekit_real import Subscriber, until
 from real_processes import avatar_worker
 from service_harness import serve
 
-pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
+pytestmark = [pytest.mark.livekit_real, pytest.mark.slow, pytest.mark.real_once]
 
 AGENT_NAME = "avatars-cluster"
 
