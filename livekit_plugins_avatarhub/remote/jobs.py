@@ -91,8 +91,9 @@ async def run_job(ctx: JobContext) -> None:
     report = asyncio.create_task(_report(worker, job.agent_id, _REPORT_EVERY))
     try:
         await worker.stopped
-    finally:
+    finally:  # its last report counts the frames since the one before
         report.cancel()
+        await asyncio.gather(report, return_exceptions=True)
     if worker.error:
         logger.error("avatar %s stopped: %s", job.agent_id, worker.error)
     ctx.shutdown(reason=worker.error or "the avatar left the room")
