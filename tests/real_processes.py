@@ -89,16 +89,24 @@ async def speaking_agent(
         yield agent
 
 
-async def dispatched_avatar(sub: Subscriber, agent_name: str) -> rtc.RemoteParticipant:
-    """Dispatch the agent worker ``agent_name`` to ``sub``'s room through LiveKit's API, as an
-    app's backend does; the avatar, once ``sub`` receives its video and its audio."""
-    lkapi = sub.server.api()
+async def dispatch(server: LiveKitServer, agent_name: str, room: str, metadata: str = "") -> str:
+    """A dispatch of ``agent_name`` to ``room`` through LiveKit's API: its id."""
+    lkapi = server.api()
     try:
-        await lkapi.agent_dispatch.create_dispatch(
-            api.CreateAgentDispatchRequest(agent_name=agent_name, room=sub.room_name)
+        made = await lkapi.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name=agent_name, room=room, metadata=metadata)
         )
     finally:
         await lkapi.aclose()
+    return str(made.id)
+
+
+async def dispatched_avatar(
+    sub: Subscriber, agent_name: str, metadata: str = ""
+) -> rtc.RemoteParticipant:
+    """Dispatch the agent worker ``agent_name`` to ``sub``'s room through LiveKit's API, as an
+    app's backend does; the avatar, once ``sub`` receives its video and its audio."""
+    await dispatch(sub.server, agent_name, sub.room_name, metadata)
     avatar, _ = await sub.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=90)
     await sub.wait_track(rtc.TrackKind.KIND_AUDIO, identity=avatar.identity)
     return avatar

@@ -4,6 +4,9 @@ and wrong API keys get LiveKit's own refusal in one line, for the session, ``ser
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 import time
 
 import pytest
@@ -17,8 +20,8 @@ from livekit_plugins_avatarhub.exceptions import (
     ConfigurationError,
 )
 
-from livekit_real import free_port, until
-from real_processes import SERVICE_KEY, avatar_service, spawn
+from livekit_real import LiveKitServer, Subscriber, free_port, until
+from real_processes import SERVICE_KEY, avatar_service, dispatch, dispatched_avatar, spawn
 
 pytestmark = pytest.mark.livekit_real
 
@@ -87,6 +90,54 @@ async def test_serve_answers_502_with_livekits_refusal(real_livekit, tmp_path):
             assert "\n" not in message and time.monotonic() - started < 30
         workers = (await client.get("/v1/workers")).json()["data"]
         assert {w["status"] for w in workers} == {"failed"}, "kept to be seen, not running"
+
+
+async def test_a_worker_started_before_livekit_says_so_once_and_serves_once_it_is_up(
+    real_livekit, tmp_path
+):
+    """LiveKit not up yet (a compose file starting everything at once, a restart): the worker
+    starts, says so in one line, and registers by itself once the server answers. Then a
+    dispatch with malformed metadata fails that job only: the next one renders."""
+    later = LiveKitServer(
+        real_livekit.binary,
+        tmp_path,
+        port=free_port(),
+        rtc_tcp_port=free_port(),
+        rtc_udp_port=free_port(socket.SOCK_DGRAM),
+    )
+    worker = await spawn(
+        "worker-before-livekit",
+        tmp_path,
+        *("-m", "livekit_plugins_avatarhub", "worker", "--http-port", "0", "start"),
+        **later.env(),
+        AVATARHUB_AGENT_NAME="avatars-later",
+    )
+    try:
+        await until(
+            lambda: worker.alive() and "cannot reach LiveKit" in worker.text(), 60, "its line"
+        )
+        await asyncio.sleep(5)  # a few of LiveKit's tries go by, unsaid
+        worker.alive()
+        await asyncio.to_thread(later.start)
+        up = time.monotonic()
+        await until(lambda: "registered worker" in worker.text(), 30, "registration")
+        print(f"registered {time.monotonic() - up:.1f} s after the server answered")
+        async with Subscriber(later, "after-livekit") as sub:
+            # a dispatch whose metadata is not JSON fails that job alone, with its reason
+            await dispatch(later, "avatars-later", sub.room_name, "not json")
+            await until(lambda: "metadata is not JSON" in worker.text(), 30, "the bad job's line")
+            job = json.dumps({"agent_id": "demo", "listen_to": sub.identity})
+            await dispatched_avatar(sub, "avatars-later", job)  # its video and audio arrive
+            worker.alive()
+    finally:
+        await worker.stop()
+        later.stop()
+    lines = worker.text().splitlines()
+    said = [line for line in lines if "cannot reach LiveKit" in line]
+    assert len(said) == 1 and later.url in said[0], said
+    assert not [line for line in lines if "failed to connect to livekit" in line]
+    reached = [line for line in lines if "reached LiveKit at" in line]
+    assert len(reached) == 1 and "after" in reached[0], reached
 
 
 def _wrong_token(server, room: str) -> str:

@@ -409,7 +409,7 @@ def main(argv: list[str]) -> int:
     )  # job processes read it from the environment
     options = worker_options(agent_name=ours.agent_name, max_avatars=ours.max_avatars, **extra)
     sys.argv = ["worker", *rest]  # LiveKit's CLI: start | dev | connect ..., --url, ...
-    refused = _StopWhenKeysRefused()
+    refused = _LiveKitConnection()
     logging.getLogger("livekit.agents").addFilter(refused)
     try:
         cli.run_app(options)
@@ -419,28 +419,47 @@ def main(argv: list[str]) -> int:
     return 1 if refused.said else 0
 
 
-class _StopWhenKeysRefused(logging.Filter):
-    """LiveKit's worker retries a refused API key 16 times over minutes; no retry can help,
-    so say it once, in one line, and stop."""
+class _LiveKitConnection(logging.Filter):
+    """The worker's connection to LiveKit, in as few lines as say it. LiveKit's worker logs
+    every failed try (16 tries, 2 s longer each, at most 10 s apart).
 
-    said = False
+    Keys LiveKit refuses (HTTP 401): no retry can help, so it is said once and the worker
+    stops. A server that cannot be reached (not up yet, restarting, a wrong URL): said once,
+    with the URL, while LiveKit's backoff goes on quietly; reaching it again is said too."""
+
+    said = False  # the keys were refused
+    tries = 0  # failed tries since the worker last reached LiveKit
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith("failed to connect to livekit"):
+        message = record.getMessage()
+        if message.startswith("registered worker") and self.tries:
+            logger.info("reached LiveKit at %s after %d failed tries", self._url(), self.tries)
+            self.tries = 0
+            return True
+        if not message.startswith("failed to connect to livekit, retrying"):
             return True
         raised = record.exc_info[1] if record.exc_info else None  # livekit-agents 1.0
-        refused = getattr(raised, "status", None) == 401 or "401" in str(
-            getattr(record, "error", "")
-        )
-        if not refused:
-            return True  # unreachable: LiveKit's backoff is right
-        if not self.said:
-            self.said = True
-            url = env_or(None, "LIVEKIT_URL") or "LIVEKIT_URL"
-            logger.error(
-                "LiveKit at %s refused the worker's API key and secret (HTTP 401); check "
-                "LIVEKIT_API_KEY and LIVEKIT_API_SECRET",
-                url,
+        error = getattr(record, "error", None) or raised
+        if getattr(raised, "status", None) == 401 or "401" in str(error or ""):
+            if not self.said:
+                self.said = True
+                logger.error(
+                    "LiveKit at %s refused the worker's API key and secret (HTTP 401); check "
+                    "LIVEKIT_API_KEY and LIVEKIT_API_SECRET",
+                    self._url(),
+                )
+                os.kill(os.getpid(), signal.SIGTERM)  # LiveKit's own clean shutdown
+            return False
+        self.tries += 1
+        if self.tries == 1:
+            logger.warning(
+                "cannot reach LiveKit at %s (%s); retrying with backoff (LiveKit's worker "
+                "tries 16 times, at most 10 s apart, then exits)",
+                self._url(),
+                error,
             )
-            os.kill(os.getpid(), signal.SIGTERM)  # LiveKit's own clean shutdown
         return False
+
+    @staticmethod
+    def _url() -> str:
+        return env_or(None, "LIVEKIT_URL") or "LIVEKIT_URL"
