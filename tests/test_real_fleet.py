@@ -174,3 +174,146 @@ async def test_six_avatars_on_two_workers_of_two_slots(real_livekit, tmp_path, m
                 await room.disconnect()
             for user in users:
                 await user.disconnect()
+
+
+def scrape(text: str) -> dict[str, float]:
+    """Prometheus text as ``{"name{label=value,...}": value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def total(metrics: dict[str, float], name: str) -> float | None:
+    """The sum of a metric's samples over all their labels (LiveKit labels each by node)."""
+    found = [v for k, v in metrics.items() if k == name or k.startswith(name + "{")]
+    return sum(found) if found else None
+
+
+async def count_frames(track: rtc.Track, into: list[int]) -> None:
+    """Count the frames a viewer's decoder delivers (no conversion: a count is all it needs)."""
+    from livekit_real import ViewerVideoStream
+
+    stream = ViewerVideoStream(track)
+    try:
+        async for _ in stream:
+            into[0] += 1
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.real_once
+async def test_the_fleets_metrics_add_up_to_what_the_subscribers_saw(
+    real_livekit, tmp_path, monkeypatch
+):
+    """Two workers of one slot, two avatars asked for through ``serve --dispatch``, a viewer in
+    each room: each worker's Prometheus endpoint counts the avatar LiveKit lists in its room
+    and the frames its viewer received; ``serve`` (stateless) counts the joins that put them
+    there."""
+    from livekit_real import Subscriber, free_port
+
+    for name, value in real_livekit.env().items():
+        monkeypatch.setenv(name, value)
+    agent_name = "avatars-metrics"
+    monkeypatch.setenv("AVATARHUB_AGENT_NAME", agent_name)
+    ports = [free_port(), free_port()]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    rooms = ["metrics-1", "metrics-2"]
+    received = {room: [0] for room in rooms}
+    counting: list[asyncio.Task[None]] = []
+
+    async with (
+        avatar_worker(
+            real_livekit,
+            tmp_path / "a",
+            agent_name,
+            *("--max-avatars", "1"),
+            *("--prometheus-port", str(ports[0])),
+        ) as one,
+        avatar_worker(
+            real_livekit,
+            tmp_path / "b",
+            agent_name,
+            *("--max-avatars", "1"),
+            *("--prometheus-port", str(ports[1])),
+        ) as two,
+        serve(DispatchManager(AvatarDispatcher())) as service,
+        Subscriber(real_livekit, rooms[0], "viewer-1") as first,
+        Subscriber(real_livekit, rooms[1], "viewer-2") as second,
+    ):
+        viewers = {rooms[0]: first, rooms[1]: second}
+        for room, viewer in viewers.items():  # from the moment the avatar's video is there
+
+            def counted(track: rtc.Track, *_: object, room: str = room) -> None:
+                if track.kind == rtc.TrackKind.KIND_VIDEO:
+                    counting.append(asyncio.create_task(count_frames(track, received[room])))
+
+            viewer.room.on("track_subscribed", counted)
+        try:
+            for room, viewer in viewers.items():  # the Flutter flow: the avatar follows the user
+                answer = await service.post(
+                    "/v1/agents/demo/join-room",
+                    json={
+                        "room_url": real_livekit.url,
+                        "room_token": real_livekit.token(f"avatar-{room}", room, kind="agent"),
+                        "listen_to": viewer.identity,
+                    },
+                    timeout=30,
+                )
+                assert answer.status_code == 200, answer.text
+            for viewer in viewers.values():
+                await viewer.wait_track(rtc.TrackKind.KIND_VIDEO, timeout=60)
+            await asyncio.sleep(8)
+
+            # while they render: one avatar per worker by LiveKit's own gauge, two in serve
+            served = {}  # room -> the worker's Prometheus port
+            for worker, port in zip((one, two), ports, strict=True):
+                room = next(r for r in rooms if f"is rendering in room {r}" in worker.text())
+                served[room] = port
+                live = await worker_metrics(port)
+                assert total(live, "lk_agents_active_job_count") == 1, live
+                assert await rendering(real_livekit, room)
+            assert sorted(served) == rooms, "one avatar on each worker"
+            answer = scrape((await service.get("/metrics")).text)
+            # serve keeps no state: its joins add up to the avatars the workers count
+            assert answer["avatarhub_joins_total{result=created}"] == 2, answer
+
+            for room, viewer in viewers.items():
+                gone = await service.post(
+                    "/v1/agents/demo/leave-room", json={"room_name": room}, timeout=30
+                )
+                assert gone.status_code == 200, gone.text
+                await viewer.wait_gone(f"avatar-{room}", timeout=30)
+        finally:
+            for task in counting:
+                task.cancel()
+            await asyncio.gather(*counting, return_exceptions=True)
+
+        # each job's last report is in once LiveKit's gauge says the job has ended
+        for room, port in served.items():
+            await until_async(port, "lk_agents_active_job_count", 0)
+            published = (await worker_metrics(port))["avatarhub_job_frames_published_total"]
+            seen = received[room][0]
+            print(f"{room}: {published:.0f} frames published, {seen} received by the viewer")
+            # the first frames go out while the viewer is still subscribing (7-10 in 3 runs)
+            assert published - 20 <= seen <= published, (room, published, seen)
+
+
+async def worker_metrics(port: int) -> dict[str, float]:
+    """A worker's Prometheus endpoint (LiveKit's, with its job processes' numbers added up)."""
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        return scrape((await client.get(f"http://127.0.0.1:{port}/metrics")).text)
+
+
+async def until_async(port: int, name: str, value: float, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while total(await worker_metrics(port), name) != value:
+        assert time.monotonic() < deadline, f"{name} never became {value}"
+        await asyncio.sleep(0.5)

@@ -215,10 +215,11 @@ async def _report(worker: Any, agent_id: str, every: float) -> None:
     except ImportError:  # prometheus-client comes with livekit-agents >= 1.x in most setups
         metrics = None
     ticks = 0
+    held = None  # the counts outlive the stopped avatar, which lets go of them
     try:
         while True:
             await asyncio.sleep(_METRICS_EVERY)
-            stats = worker.frame_stats
+            stats = held = worker.frame_stats or held
             if stats is None:
                 continue
             if metrics is not None:
@@ -237,7 +238,7 @@ async def _report(worker: Any, agent_id: str, every: float) -> None:
                     stats.av_offset * 1000,
                 )
     finally:  # the job ends: what it published since the last report counts too
-        stats = worker.frame_stats
+        stats = worker.frame_stats or held
         if metrics is not None and stats is not None:
             metrics.update(stats)
 
@@ -395,10 +396,7 @@ def main(argv: list[str]) -> int:
             return 2
         extra["prometheus_port"] = ours.prometheus_port
         if "prometheus_multiproc_dir" in WorkerOptions.__dataclass_fields__:
-            import tempfile
-
-            # job processes write their avatar metrics here; LiveKit's endpoint adds them up
-            extra["prometheus_multiproc_dir"] = tempfile.mkdtemp(prefix="avatarhub-metrics-")
+            extra["prometheus_multiproc_dir"] = _count_every_process()
     if ours.http_port is not None:
         if not 0 <= ours.http_port <= 65535:
             print("error: --http-port must be from 0 to 65535", file=sys.stderr)
@@ -417,6 +415,25 @@ def main(argv: list[str]) -> int:
         if not refused.said:
             raise
     return 1 if refused.said else 0
+
+
+def _count_every_process() -> str:
+    """Prometheus multiprocess mode for the worker and its job processes: each writes its
+    numbers to files in one folder (``PROMETHEUS_MULTIPROC_DIR``, else a new one), and LiveKit's
+    endpoint adds them up. prometheus_client picks its mode when it is first imported, which
+    livekit-agents does before it sets the variable, so the worker's own numbers (LiveKit's
+    ``lk_agents_active_job_count`` and load) stayed in its memory and out of the sum: the mode
+    is picked again here, before any of them is made."""
+    import tempfile
+
+    from prometheus_client import values
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+        prefix="avatarhub-metrics-"
+    )
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    return folder
 
 
 class _LiveKitConnection(logging.Filter):
