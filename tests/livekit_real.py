@@ -221,10 +221,13 @@ def running_server(binary: str, workdir: Path, **kwargs: Any) -> Iterator[LiveKi
 
 
 @contextlib.contextmanager
-def running_redis(binary: str, workdir: Path, timeout: float = 15.0) -> Iterator[str]:
-    """Debian's ``redis-server`` on a free loopback port, keeping nothing on disk: its
-    ``host:port``. Each start is empty, so no node of an earlier cluster lingers in it."""
-    port = free_port()
+def running_redis(
+    binary: str, workdir: Path, timeout: float = 15.0, port: int = 0
+) -> Iterator[str]:
+    """Debian's ``redis-server`` on a free loopback port (or ``port``, to come back where it
+    was), keeping nothing on disk: its ``host:port``. Each start is empty, so no node of an
+    earlier cluster lingers in it."""
+    port = port or free_port()
     log = (workdir / f"redis-{port}.log").open("ab")
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],

@@ -48,6 +48,19 @@ class _Invalid(Exception):
         self.status, self.code = status, code
 
 
+_LIVEKIT_RETRY_AFTER = 5  # seconds: a Redis blip of a multi-node LiveKit is over by then
+
+
+def _livekit_unavailable(err: Exception) -> bool:
+    """LiveKit's API saying "not now": its nodes cannot reach one another (503, e.g. their
+    Redis is away), or none is registered yet (its nodes re-register within seconds after
+    Redis restarts empty)."""
+    message = str(getattr(err, "message", ""))
+    return (
+        getattr(err, "status", None) == 503 and getattr(err, "code", None) == "unavailable"
+    ) or (getattr(err, "code", None) is not None and "could not find any available node" in message)
+
+
 def _error(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -97,6 +110,20 @@ def create_app(manager: AvatarManager, *, key: str) -> web.Application:
             code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE"}
             return _error(err.status, code.get(err.status, "HTTP_ERROR"), err.text or err.reason)
         except Exception as err:  # the worker could not start (LiveKit unreachable, ...)
+            if _livekit_unavailable(err):  # the client's retry is the cure
+                logger.warning(
+                    "request %s %s: LiveKit is unavailable: %s",
+                    request.method,
+                    request.path,
+                    getattr(err, "message", err),
+                )
+                return _error(
+                    503,
+                    "LIVEKIT_UNAVAILABLE",
+                    f"LiveKit could not take the avatar now ({getattr(err, 'message', err)}); "
+                    "try again later",
+                    {"Retry-After": str(_LIVEKIT_RETRY_AFTER)},
+                )
             logger.error(
                 "request %s %s failed: %s: %s",
                 request.method,
