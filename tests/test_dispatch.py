@@ -249,6 +249,44 @@ async def test_a_dispatch_no_worker_takes_is_withdrawn_and_refused_with_retry_af
         assert stale.id not in str(again.json())
 
 
+@pytest.mark.parametrize(
+    "status, code, message",
+    [
+        (503, "unavailable", "no response from servers"),  # its nodes cannot reach each other
+        (500, "unknown", "could not find any available nodes"),  # none registered (yet)
+    ],
+)
+async def test_livekits_not_now_is_a_503_with_retry_after(
+    livekit_server, monkeypatch, status, code, message
+):
+    """A multi-node LiveKit whose Redis is away says "not now" in these two ways (measured in
+    tests/test_real_multinode.py): `serve --dispatch` passes it on as 503 LIVEKIT_UNAVAILABLE
+    with Retry-After, which clients retry, not as a 502 that looks like the service's fault."""
+    from livekit_plugins_avatarhub.service.dispatched import DispatchManager
+
+    from service_harness import serve
+
+    async def not_now(body: bytes, grants: object) -> object:
+        return (code, message), status
+
+    monkeypatch.setattr(livekit_server, "_AgentDispatchService_ListDispatch", not_now)
+    flutter = {
+        "room_url": livekit_server.url,
+        "room_token": lkapi.AccessToken(LK_KEY, LK_SECRET)
+        .with_identity("avatar-8")
+        .with_kind("agent")
+        .with_grants(lkapi.VideoGrants(room_join=True, room="room-redis"))
+        .to_jwt(),
+    }
+    async with serve(DispatchManager(AvatarDispatcher())) as client:
+        answer = await client.post("/v1/agents/demo/join-room", json=flutter, timeout=15)
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"] == "5"
+    error = answer.json()["error"]
+    assert error["code"] == "LIVEKIT_UNAVAILABLE" and message in error["message"], error
+    assert LK_SECRET not in answer.text
+
+
 def test_one_agent_name_variable_names_the_workers_on_every_side(monkeypatch):
     """AVATARHUB_AGENT_NAME set on every machine: the worker registers under it, and both the
     agent's mode="dispatch" and `serve --dispatch` dispatch to it (the real-room tests run
