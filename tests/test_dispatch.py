@@ -205,6 +205,17 @@ async def test_avatar_worker_registers_reports_load_and_runs_dispatched_jobs(
         await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 20)
 
 
+def join_request(server: FakeLiveKitServer, identity: str, room: str) -> dict[str, str]:
+    """The Flutter app's join-room body, with the avatar's token for ``room``."""
+    token = (
+        lkapi.AccessToken(LK_KEY, LK_SECRET)
+        .with_identity(identity)
+        .with_kind("agent")
+        .with_grants(lkapi.VideoGrants(room_join=True, room=room))
+    )
+    return {"room_url": server.url, "room_token": token.to_jwt()}
+
+
 async def test_a_dispatch_no_worker_takes_is_withdrawn_and_refused_with_retry_after(
     livekit_server, monkeypatch
 ):
@@ -218,14 +229,7 @@ async def test_a_dispatch_no_worker_takes_is_withdrawn_and_refused_with_retry_af
 
     monkeypatch.setattr(dispatcher, "ASSIGN_TIMEOUT", 1.0)  # 10 s against a real LiveKit
 
-    flutter = {
-        "room_url": livekit_server.url,
-        "room_token": lkapi.AccessToken(LK_KEY, LK_SECRET)
-        .with_identity("avatar-7")
-        .with_kind("agent")
-        .with_grants(lkapi.VideoGrants(room_join=True, room="room-full"))
-        .to_jwt(),
-    }
+    flutter = join_request(livekit_server, "avatar-7", "room-full")
     manager = DispatchManager(AvatarDispatcher())
     async with serve(manager) as client:
         refused = await client.post("/v1/agents/demo/join-room", json=flutter, timeout=15)
@@ -270,14 +274,7 @@ async def test_livekits_not_now_is_a_503_with_retry_after(
         return (code, message), status
 
     monkeypatch.setattr(livekit_server, "_AgentDispatchService_ListDispatch", not_now)
-    flutter = {
-        "room_url": livekit_server.url,
-        "room_token": lkapi.AccessToken(LK_KEY, LK_SECRET)
-        .with_identity("avatar-8")
-        .with_kind("agent")
-        .with_grants(lkapi.VideoGrants(room_join=True, room="room-redis"))
-        .to_jwt(),
-    }
+    flutter = join_request(livekit_server, "avatar-8", "room-redis")
     async with serve(DispatchManager(AvatarDispatcher())) as client:
         answer = await client.post("/v1/agents/demo/join-room", json=flutter, timeout=15)
     assert answer.status_code == 503, answer.text
