@@ -78,7 +78,7 @@ class ZeroCostRuntime:
         due = loop.time()
         while not self._stop.is_set():
             self._index += 1
-            image = self._images[self._index & 1]
+            image = self._images[self._index % len(self._images)]
             end = self._ended[0] if self._ended else None
             limit = end if end is not None else len(self._pcm)
             if limit >= self._per_frame or (end is not None and limit > 0):
