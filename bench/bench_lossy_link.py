@@ -14,7 +14,8 @@ packets (an ``nft`` rule), for ``--bad`` seconds, then clean again for ``--after
 
 Printed per phase: the viewer's frames per second, the picture sizes it got, its longest
 freeze (the longest gap between two frames), the share of the avatar's speech it heard (10 ms
-pieces above the silence level, against the clean phase), and once the link clears, how long
+pieces above the silence level, against the clean phase), the publishing process's CPU (its
+encoder included), and once the link clears, how long
 until a whole second had >= 24 frames at the full size again.
 
 This kernel has no ``sch_netem`` (``tc qdisc ... netem``: "Specified qdisc kind is unknown"),
@@ -127,9 +128,10 @@ def panning_texture(frames: int = 50) -> list[Any]:
 # -- the viewer, inside the namespace --------------------------------------------------------
 
 
-async def viewer(url: str, token: str, seconds: float) -> None:
-    """One JSON line per video frame (``v``: time, width, height) and per 10 ms of audio
-    (``a``: time, level), for ``seconds``."""
+async def viewer(url: str, token: str, seconds: float, out: Path) -> None:
+    """Into ``out``, one JSON line per video frame (``v``: time, width, height) and per 10 ms
+    of audio (``a``: time, level), for ``seconds``; kept in memory until the end, so that no
+    write (to a pipe that could fill, say) ever holds up the viewer."""
     import numpy as np
 
     from livekit import rtc
@@ -137,19 +139,19 @@ async def viewer(url: str, token: str, seconds: float) -> None:
     from livekit_real import ViewerVideoStream
 
     room = rtc.Room()
-    out = sys.stdout
+    rows: list[list[Any]] = []
 
     async def video(track: rtc.Track) -> None:
         async for event in ViewerVideoStream(track):
             frame = event.frame
-            out.write(json.dumps(["v", time.monotonic(), frame.width, frame.height]) + "\n")
+            rows.append(["v", time.monotonic(), frame.width, frame.height])
 
     async def audio(track: rtc.Track) -> None:
         stream = rtc.AudioStream(track, sample_rate=48000, num_channels=1, frame_size_ms=10)
         async for event in stream:
             pcm = np.frombuffer(event.frame.data, np.int16).astype(np.float32)
             level = float(np.sqrt(np.mean(pcm * pcm)) / 32768) if pcm.size else 0.0
-            out.write(json.dumps(["a", time.monotonic(), level]) + "\n")
+            rows.append(["a", time.monotonic(), level])
 
     tasks: list[asyncio.Task[None]] = []
 
@@ -166,7 +168,8 @@ async def viewer(url: str, token: str, seconds: float) -> None:
     for task in tasks:
         task.cancel()
     await room.disconnect()
-    out.flush()
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    await asyncio.to_thread(out.write_text, text)
 
 
 # -- the bench ---------------------------------------------------------------------------------
@@ -188,9 +191,10 @@ async def main() -> None:
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--token", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "viewer":
-        await viewer(args.url, args.token, args.seconds)
+        await viewer(args.url, args.token, args.seconds, Path(args.out))
         return
 
     from bench_cpu_per_avatar import tone
@@ -265,20 +269,31 @@ async def main() -> None:
                 "--token",
                 token("viewer", can_publish=False),
                 "--seconds",
-                str(total + 3),
-                stdout=asyncio.subprocess.PIPE,
+                str(total + 8),
+                "--out",
+                str(workdir / "viewer.jsonl"),
                 env=clean_env(),
             )
+            import psutil
+
+            def cpu() -> float:  # this process: the avatar, its encoder and its publishing
+                return sum(psutil.Process().cpu_times()[:2])
+
             await asyncio.sleep(3)  # the viewer joins and the call ramps up
-            t0 = time.monotonic()
+            t0, c0 = time.monotonic(), cpu()
             await asyncio.sleep(args.clean)
             impair(True, args.rate, args.loss)
-            t1 = time.monotonic()
+            t1, c1 = time.monotonic(), cpu()
             await asyncio.sleep(args.bad)
             impair(False, "", 0)
-            t2 = time.monotonic()
-            stdout, _ = await watcher.communicate()
-            t3 = t2 + args.after
+            t2, c2 = time.monotonic(), cpu()
+            await asyncio.sleep(args.after)
+            t3, c3 = time.monotonic(), cpu()
+            await watcher.wait()
+            args.cpu = [
+                100 * (b - a) / (tb - ta)
+                for a, b, ta, tb in ((c0, c1, t0, t1), (c1, c2, t1, t2), (c2, c3, t2, t3))
+            ]
             speaking.cancel()
             await avatar.aclose()
             await session.aclose()
@@ -286,7 +301,8 @@ async def main() -> None:
         finally:
             server.terminate()
             server.wait(10)
-    rows = [json.loads(line) for line in stdout.decode().splitlines() if line.startswith("[")]
+    lines = (workdir / "viewer.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith("[")]
     report(rows, (t0, t1, t2, t3), args)
 
 
@@ -300,7 +316,8 @@ def report(rows: list[list[Any]], marks: tuple[float, float, float, float], args
         "each way (no added delay)"
     )
     heard_clean = None
-    for name, start, end in (("clean", t0, t1), ("bad", t1, t2), ("cleared", t2, t3)):
+    phases = (("clean", t0, t1), ("bad", t1, t2), ("cleared", t2, t3))
+    for (name, start, end), load in zip(phases, args.cpu, strict=True):
         frames = [v for v in video if start <= v[0] < end]
         times = [start] + [v[0] for v in frames] + [end]
         freeze = max(b - a for a, b in itertools.pairwise(times))
@@ -310,7 +327,8 @@ def report(rows: list[list[Any]], marks: tuple[float, float, float, float], args
         heard_clean = heard_clean or heard
         print(
             f"{name:8s}: {len(frames) / (end - start):5.1f} FPS, sizes {sizes}, longest freeze "
-            f"{freeze:4.2f} s, speech heard {heard / heard_clean:4.2f} of the clean phase's"
+            f"{freeze:4.2f} s, speech heard {heard / heard_clean:4.2f} of the clean phase's; "
+            f"publisher {load:.0f} % CPU"
         )
     back = None
     second = t2
