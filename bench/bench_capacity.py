@@ -31,6 +31,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_cpu_per_avatar import tone  # noqa: E402
 
 
+def p95(values: list[float]) -> float:
+    """The 95th percentile of ``values`` (NaN for none)."""
+    ordered = sorted(values)
+    return ordered[int(0.95 * (len(ordered) - 1))] if ordered else float("nan")
+
+
+def fits(fps: float, latency_p95: float) -> bool:
+    """The capacity criterion of both capacity benches: every avatar (viewer) at >= 24 FPS
+    and the avatar-added latency under 100 ms p95."""
+    return fps >= 24 and latency_p95 < 0.1
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -96,26 +108,27 @@ async def main() -> None:
                     lag = max(lag, a.video_generator.stats.lag)
         elapsed = time.monotonic() - start
         load = 100 * (sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu_before) / elapsed
-        latencies = sorted(
+        latencies = [
             x
             for a, n in zip(avatars, seen, strict=True)
             if a.video_generator is not None
             for x in a.video_generator.stats.latencies_since(n)
-        )
-        p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan")
+        ]
+        latency = p95(latencies)
         sources = [a._backend._runner._video_source for a in avatars]  # type: ignore[attr-defined]
         fps = min((published[id(s)] - before.get(id(s), 0)) / elapsed for s in sources)
         rss = rss_mb()
         if baseline is None:
             baseline = (fps, rss)
-        ok = fps >= 24 and p95 < 0.1
+        ok = fits(fps, latency)
         if ok:
             capacity = n
         per = (rss - baseline[1]) / (n - 1) if n > 1 else 0.0
         print(
             f"{n:2d} avatars: slowest {fps:5.1f} FPS ({fps / baseline[0]:.2f} of one avatar), "
-            f"latency p95 {p95 * 1000:4.0f} ms ({len(latencies)} replies), lag {lag * 1000:5.0f} "
-            f"ms, CPU {load:5.1f} %, RSS {rss:6.0f} MB (+{per:.0f} MB per added avatar)"
+            f"latency p95 {latency * 1000:4.0f} ms ({len(latencies)} replies), "
+            f"lag {lag * 1000:5.0f} ms, CPU {load:5.1f} %, RSS {rss:6.0f} MB "
+            f"(+{per:.0f} MB per added avatar)"
             f"{'' if ok else '  <- over'}"
         )
         if not ok:

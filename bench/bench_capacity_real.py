@@ -123,6 +123,7 @@ async def main() -> None:
         return
 
     import psutil
+    from bench_capacity import fits, p95
 
     from livekit import rtc
 
@@ -205,8 +206,8 @@ async def main() -> None:
             elapsed = time.monotonic() - start
             cpu_after, viewers_after, sfu_after = cpu()
             answers = [await ask(p, "stats") for p in procs]
-            latencies = sorted(x for a in answers for x in a["latencies"])
-            p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan")
+            latencies = [x for a in answers for x in a["latencies"]]
+            latency = p95(latencies)
             lag = max(a["lag"] for a in answers)
             rates = [sum(1 for t in r if start <= t < start + elapsed) / elapsed for r in received]
             fps = min(rates)
@@ -216,7 +217,7 @@ async def main() -> None:
             rss = sum(p.memory_info().rss for p in watched) / 2**20
             if base is None:
                 base = (fps, load, rss)
-            ok = fps >= 24 and p95 < 0.1
+            ok = fits(fps, latency)
             if ok:
                 capacity = n
             added = (
@@ -226,7 +227,7 @@ async def main() -> None:
             )
             print(
                 f"{n:2d} avatars: slowest viewer {fps:5.1f} FPS (median "
-                f"{statistics.median(rates):4.1f}), latency p95 {p95 * 1000:4.0f} ms "
+                f"{statistics.median(rates):4.1f}), latency p95 {latency * 1000:4.0f} ms "
                 f"({len(latencies)} replies), lag {lag * 1000:4.0f} ms; publishers "
                 f"{load:5.1f} % CPU, RSS {rss:5.0f} MB ({added} per added avatar); viewers "
                 f"{viewing:5.1f} % CPU, LiveKit {forwarding:4.1f} %{'' if ok else '  <- over'}",

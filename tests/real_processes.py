@@ -190,8 +190,10 @@ async def join_room(
     name: str = "BitHuman Agent",
     listen_to: str = "app-user",
     agent: str = "demo",
+    **request: Any,
 ) -> httpx.Response:
-    """The Flutter app's ``POST /v1/agents/{agent}/join-room``, with a token it minted."""
+    """The Flutter app's ``POST /v1/agents/{agent}/join-room``, with a token it minted
+    (``request``: httpx's options for the call, such as ``timeout``)."""
     return await client.post(
         f"/v1/agents/{agent}/join-room",
         json={
@@ -200,6 +202,7 @@ async def join_room(
             "participant_name": name,
             "listen_to": listen_to,
         },
+        **request,
     )
 
 

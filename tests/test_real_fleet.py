@@ -21,7 +21,7 @@ from livekit_plugins_avatarhub import AvatarSession, CapacityError
 from livekit_plugins_avatarhub.remote.dispatcher import AvatarDispatcher
 from livekit_plugins_avatarhub.service.dispatched import DispatchManager
 
-from real_processes import avatar_worker
+from real_processes import avatar_worker, join_room
 from service_harness import serve
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow]
@@ -256,13 +256,12 @@ async def test_the_fleets_metrics_add_up_to_what_the_subscribers_saw(
             viewer.room.on("track_subscribed", counted)
         try:
             for room, viewer in viewers.items():  # the Flutter flow: the avatar follows the user
-                answer = await service.post(
-                    "/v1/agents/demo/join-room",
-                    json={
-                        "room_url": real_livekit.url,
-                        "room_token": real_livekit.token(f"avatar-{room}", room, kind="agent"),
-                        "listen_to": viewer.identity,
-                    },
+                answer = await join_room(
+                    service,
+                    real_livekit,
+                    room,
+                    f"avatar-{room}",
+                    listen_to=viewer.identity,
                     timeout=30,
                 )
                 assert answer.status_code == 200, answer.text

@@ -21,7 +21,7 @@ from livekit_plugins_avatarhub.remote.dispatcher import AvatarDispatcher
 from livekit_plugins_avatarhub.service.dispatched import DispatchManager
 
 from livekit_real import Subscriber, until
-from real_processes import avatar_worker
+from real_processes import avatar_worker, join_room
 from service_harness import serve
 
 pytestmark = [pytest.mark.livekit_real, pytest.mark.slow, pytest.mark.real_once]
@@ -186,14 +186,8 @@ async def test_redis_gone_for_five_seconds(tmp_path):
                 how long it took."""
                 nonlocal joins
                 started = time.monotonic()
-                answer = await on_b.post(
-                    "/v1/agents/demo/join-room",
-                    json={
-                        "room_url": node_b.url,
-                        "room_token": node_b.token("avatar", f"redis-{joins}", kind="agent"),
-                        "listen_to": "user",
-                    },
-                    timeout=60,
+                answer = await join_room(
+                    on_b, node_b, f"redis-{joins}", "avatar", listen_to="user", timeout=60
                 )
                 joins += 1
                 took = round(time.monotonic() - started, 1)

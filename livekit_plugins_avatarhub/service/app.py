@@ -111,17 +111,14 @@ def create_app(manager: AvatarManager, *, key: str) -> web.Application:
             return _error(err.status, code.get(err.status, "HTTP_ERROR"), err.text or err.reason)
         except Exception as err:  # the worker could not start (LiveKit unreachable, ...)
             if _livekit_unavailable(err):  # the client's retry is the cure
+                said = getattr(err, "message", err)
                 logger.warning(
-                    "request %s %s: LiveKit is unavailable: %s",
-                    request.method,
-                    request.path,
-                    getattr(err, "message", err),
+                    "request %s %s: LiveKit is unavailable: %s", request.method, request.path, said
                 )
                 return _error(
                     503,
                     "LIVEKIT_UNAVAILABLE",
-                    f"LiveKit could not take the avatar now ({getattr(err, 'message', err)}); "
-                    "try again later",
+                    f"LiveKit could not take the avatar now ({said}); try again later",
                     {"Retry-After": str(_LIVEKIT_RETRY_AFTER)},
                 )
             logger.error(
