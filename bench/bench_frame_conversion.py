@@ -6,6 +6,10 @@ Prints the per-frame time of each (wall, and CPU of every thread: OpenCV may use
 their ratio. The official plugin builds each frame with
 ``np.ascontiguousarray(img[:, :, ::-1]).tobytes()`` (two full copies); ours converts once into
 a reused buffer that LiveKit takes without copying.
+
+It also weighs converting to I420 with OpenCV instead (LiveKit then skips its own RGB→I420
+conversion): the CPU of both ways, and how far OpenCV's planes are from LiveKit's (PSNR) on the
+demo avatar and on a textured frame.
 """
 
 from __future__ import annotations
@@ -35,6 +39,45 @@ def measure(fn, images: list[np.ndarray], repeats: int = 5) -> tuple[float, floa
         runs.append((time.perf_counter() - start) / len(images))
         cpu.append((time.process_time() - start_cpu) / len(images))
     return statistics.median(runs), statistics.median(cpu)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def i420_alternative(images: list[np.ndarray], width: int, height: int) -> None:
+    """Ours + LiveKit's RGB→I420 against OpenCV's BGR→I420 in one call."""
+    import cv2
+
+    from livekit_plugins_avatarhub.rendering.demo import DemoRuntime, FrameState
+
+    ours = FrameConverter(width, height, ring_size=6)
+    planes = np.empty((height * 3 // 2, width), np.uint8)
+
+    def livekit_way(image: np.ndarray) -> None:
+        ours(image).convert(rtc.VideoBufferType.I420)
+
+    def opencv_way(image: np.ndarray) -> None:
+        cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420, dst=planes)
+
+    _, cpu_livekit = measure(livekit_way, images)
+    _, cpu_opencv = measure(opencv_way, images)
+    print(
+        f"to I420         : ours + LiveKit's conversion CPU {cpu_livekit * 1e3:.3f} ms, "
+        f"OpenCV BGR->I420 CPU {cpu_opencv * 1e3:.3f} ms"
+    )
+    demo = DemoRuntime().render(FrameState(0, 0.6, None, 0.0, True))
+    demo = cv2.resize(demo, (width, height))
+    textured = cv2.GaussianBlur(images[0], (0, 0), 3)
+    luma = width * height
+    for name, image in (("demo avatar", demo), ("textured", textured)):
+        theirs = np.frombuffer(ours(image).convert(rtc.VideoBufferType.I420).data, np.uint8)
+        mine = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420).reshape(-1)
+        print(
+            f"  PSNR against LiveKit's, {name:11s}: Y {psnr(theirs[:luma], mine[:luma]):.1f} dB, "
+            f"U and V {psnr(theirs[luma:], mine[luma:]):.1f} dB"
+        )
 
 
 def main() -> None:
@@ -71,6 +114,7 @@ def main() -> None:
         f"share of the 25 FPS frame budget: official {t_official / budget:.1%}, "
         f"ours {t_ours / budget:.1%}"
     )
+    i420_alternative(images, args.width, args.height)
 
 
 if __name__ == "__main__":

@@ -277,16 +277,22 @@ async def measure(server: Any, tmp: Path, mode: str, run: int) -> dict[str, Any]
     return {"audio": audio_delay, "video": video_delay, "offset": offset, "cpu": share}
 
 
-def describe(values: list[float | None]) -> str:
+def p95(values: list[float]) -> float:
+    ranked = sorted(values)
+    return ranked[min(len(ranked) - 1, round(0.95 * (len(ranked) - 1)))]
+
+
+def describe(values: list[float | None], signed: bool = False) -> str:
     got = sorted(1000 * v for v in values if v is not None)
     missed = len(values) - len(got)
     if not got:
         return f"nothing matched ({missed} missed)"
-    p95 = got[min(len(got) - 1, round(0.95 * (len(got) - 1)))]
     text = (
-        f"p50 {statistics.median(got):6.1f}  p95 {p95:6.1f}  "
+        f"p50 {statistics.median(got):6.1f}  p95 {p95(got):6.1f}  "
         f"min {got[0]:6.1f}  max {got[-1]:6.1f} ms"
     )
+    if signed:  # how far out of sync, either way: the lip-sync goal is on this
+        text += f"  |p95| {p95([abs(v) for v in got]):5.1f}"
     return text + (f"  ({missed} of {len(values)} unmatched)" if missed else "")
 
 
@@ -320,7 +326,7 @@ async def main_async(args: argparse.Namespace) -> None:
         print(title)
         for mode in modes:
             for run, result in enumerate(results[mode]):
-                print(f"  {mode:15s} run {run + 1}: {describe(result[key])}")
+                print(f"  {mode:15s} run {run + 1}: {describe(result[key], key == 'offset')}")
     print("CPU of the publishing process while it speaks, % of one core (per run; median)")
     floor = [r["cpu"] for r in results.get("floor", []) if r["cpu"] is not None]
     for mode in modes:

@@ -309,26 +309,16 @@ class AvatarWorker:
             from .microphone import MicrophoneAudioReceiver
 
             return MicrophoneAudioReceiver(self.room, self.listen_to, sample_rate=sample_rate)
-        from livekit.agents.voice.avatar import DataStreamAudioReceiver
-
         if self.serves is None:
             logger.info(
                 "avatar %s has no lk.publish_on_behalf attribute: it renders the first agent "
                 "participant's audio",
                 self.agent_id,
             )
-        from .receiver import LastingReceiver
+        from .receiver import LastingReceiver, speech_receiver
 
         room, serves = self.room, self.serves
-
-        def listen() -> AudioReceiver:
-            # a broken receiver leaves its byte stream handler behind: a new one needs the topic
-            unregister = getattr(room, "unregister_byte_stream_handler", None)
-            if unregister is not None:
-                unregister(AUDIO_STREAM_TOPIC)
-            return DataStreamAudioReceiver(room, sender_identity=serves)
-
-        return LastingReceiver(listen)
+        return LastingReceiver(lambda: speech_receiver(room, serves))
 
     async def _run(self) -> None:
         assert self._runner is not None
@@ -424,10 +414,6 @@ class AvatarWorker:
             await leave_room(room)
         if not self.stopped.done():
             self.stopped.set_result(None)
-
-
-#: the DataStream topic of the agent's speech (the same in every livekit-agents 1.x)
-AUDIO_STREAM_TOPIC = "lk.audio_stream"
 
 
 def _on_behalf_of(me: Any) -> str | None:

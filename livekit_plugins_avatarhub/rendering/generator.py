@@ -103,8 +103,8 @@ class FrameStats:
     ``playback_latency``: per reply, the agent's first audio frame in → the first frame
     carrying it out (the last :data:`LATENCIES_KEPT` kept, ``replies`` counts them all);
     ``first_frame``: ``begun_at`` → the first picture out; ``av_offset``: at the publisher,
-    how much later the last spoken frame's picture goes out than its audio (its wait in
-    LiveKit's video queue minus the audio queued before it; < 0: the picture leads)."""
+    how much later the last spoken frame's picture goes out than the middle of its audio
+    (< 0: the picture leads; see :meth:`RuntimeVideoGenerator._in_step`)."""
 
     __slots__ = (
         "av_offset",
@@ -174,6 +174,7 @@ class RuntimeVideoGenerator(VideoGenerator):
         self._hearing = False  # a reply's audio is coming in
         self._playing = False  # a reply's audio is going out
         self._queues: tuple[Any, Any] | None = None  # LiveKit's video queue and audio source
+        self._pacer: Any = None  # LiveKit's video pacing
         self._failover = failover or Failover()
         self._still = still  # BGR: shown while the speech goes on without the runtime
         self._pending = PendingAudio()
@@ -244,6 +245,7 @@ class RuntimeVideoGenerator(VideoGenerator):
         """Read the publisher's audio/video offset off ``sync``'s queues (see
         :class:`FrameStats`); LiveKit keeps them private, so any it lacks reads as empty."""
         self._queues = (getattr(sync, "_video_queue", None), getattr(sync, "_audio_source", None))
+        self._pacer = getattr(sync, "_fps_controller", None)
 
     async def push_audio(self, frame: rtc.AudioFrame | AudioSegmentEnd) -> None:
         live, rendering = self._live, self._state == "rendering"
@@ -519,29 +521,35 @@ class RuntimeVideoGenerator(VideoGenerator):
             stats.lag = max(0.0, lag)
             if lag > period:
                 stats.late += 1
+            picture = None
             if frame.bgr_image is not None:
                 if live and burst and lag > period:
                     stats.stale += 1
                 else:
                     if stats.first_frame is None:
                         stats.first_frame = now - stats.begun_at
-                    if self._queues is not None:
-                        await self._audio_caught_up(period)
-                    yield self._convert(frame.bgr_image)
+                    picture = self._convert(frame.bgr_image)
             chunk = frame.audio_chunk
-            if chunk is not None:
+            if chunk is None:
+                if picture is not None:
+                    yield picture
+            else:
                 samples = chunk.array
                 self._audio_out(now)
-                if self._queues is not None:
-                    stats.av_offset = self._offset(period)
                 if live:
                     pending.played(len(samples), chunk.sample_rate)
+                # the sound first, then its picture once that sound is being heard
                 yield rtc.AudioFrame(
                     data=chunk.bytes,
                     sample_rate=chunk.sample_rate,
                     num_channels=1,
                     samples_per_channel=len(samples),
                 )
+                if picture is not None:
+                    if self._queues is not None:
+                        duration = len(samples) / chunk.sample_rate
+                        stats.av_offset = await self._in_step(duration, period)
+                    yield picture
             if frame.end_of_speech:
                 self._playing = False
                 if live:
@@ -557,31 +565,38 @@ class RuntimeVideoGenerator(VideoGenerator):
             self.stats.playback_latency.append(now - began)
             self.stats.replies += 1
 
-    async def _audio_caught_up(self, period: float) -> None:
-        """Wait, before a picture goes out, while LiveKit's audio source holds more than a
-        period of earlier audio (at most three periods). Its queue takes up to 100 ms; filled
-        once (a runtime's first frames come in a burst), it stays full at the runtime's steady
-        pace, and each picture, captured at once, would reach viewers that long before its
-        sound: measured 100-125 ms early at a real subscriber. Holding the next frame back
-        lets the queue drain to the period it needs instead."""
-        assert self._queues is not None
-        audio = self._queues[1]
-        if audio is None:
-            return
-        for _ in range(12):
-            if float(getattr(audio, "queued_duration", 0.0) or 0.0) <= period:
-                return
-            await asyncio.sleep(period / 4)
+    async def _in_step(self, duration: float, period: float) -> float:
+        """Hold a picture until half of its audio (``duration``, just queued) has been heard,
+        and say how much later than its audio the picture leaves (> 0: the picture is late).
 
-    def _offset(self, period: float) -> float:
-        """How much later this frame's picture leaves LiveKit's queues than its audio: the
-        picture waits behind those queued before it (on average half a period for itself),
-        the audio behind what the audio source still holds."""
+        A picture shows what its period of audio says: shown in the middle of that audio, it
+        is at most half a period early or late for a sound that begins anywhere inside. LiveKit
+        sends audio in real time from a queue of up to 100 ms and captures a picture at once,
+        so a picture sent with its audio reached viewers as early as that queue was long
+        (70-125 ms at a real subscriber, on a busy machine). The hold also paces a runtime's
+        catch-up burst out at real time rather than filling LiveKit's queues with it."""
         assert self._queues is not None
         video, audio = self._queues
-        ahead = video.qsize() if video is not None else 0
         queued = float(getattr(audio, "queued_duration", 0.0) or 0.0)
-        return max(0.0, ahead - 0.5) * period - queued
+        start = time.monotonic() + queued - duration  # when this audio begins to be heard
+        hold = min(start + duration / 2 - time.monotonic(), SYNC_QUEUE_MS / 1000 + period)
+        if hold > 0:
+            await asyncio.sleep(hold)
+        self._send_now()
+        ahead = video.qsize() if video is not None else 0  # pictures LiveKit has yet to send
+        return time.monotonic() + max(0.0, ahead - 0.5) * period - start - duration / 2
+
+    def _send_now(self) -> None:
+        """Let LiveKit send the next picture as soon as it has it.
+
+        LiveKit's synchroniser sends pictures on a frame clock of its own whose phase is set by
+        the first picture of the session: against it, a picture timed to its sound waited
+        0-40 ms more, a different amount each session (measured: 7 ms late at a subscriber
+        in one session, 48 ms in the next). Pictures timed here are a period apart already."""
+        pacer = self._pacer
+        due = getattr(pacer, "_next_frame_time", None)
+        if isinstance(due, float) and due > time.perf_counter():
+            pacer._next_frame_time = time.perf_counter()
 
     async def aclose(self) -> None:
         """End the stream and any attempt to bring the runtime back (the runtime is left to
