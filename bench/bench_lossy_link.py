@@ -175,6 +175,29 @@ async def viewer(url: str, token: str, seconds: float, out: Path) -> None:
 # -- the bench ---------------------------------------------------------------------------------
 
 
+async def sent_layers(room: Any) -> dict[str, tuple[int, int, str, str]]:
+    """The avatar's video as its publisher encoded it, per layer (rid): frames encoded, frames
+    sent, the size, and why WebRTC held the layer back (``quality_limitation_reason``)."""
+    from livekit.rtc._proto import stats_pb2
+
+    from livekit import rtc
+
+    out: dict[str, tuple[int, int, str, str]] = {}
+    for publication in room.local_participant.track_publications.values():
+        track = publication.track
+        if track is None or publication.kind != rtc.TrackKind.KIND_VIDEO:
+            continue
+        for stat in await track.get_stats():
+            if stat.WhichOneof("stats") != "outbound_rtp":
+                continue
+            layer = stat.outbound_rtp.outbound
+            size = f"{layer.frame_width}x{layer.frame_height}" if layer.frame_width else "-"
+            reason = stats_pb2.QualityLimitationReason.Name(layer.quality_limitation_reason)
+            limited = reason.removeprefix("LIMITATION_").lower()
+            out[layer.rid or "single"] = (layer.frames_encoded, layer.frames_sent, size, limited)
+    return out
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--simulcast", action="store_true")
@@ -280,15 +303,16 @@ async def main() -> None:
                 return sum(psutil.Process().cpu_times()[:2])
 
             await asyncio.sleep(3)  # the viewer joins and the call ramps up
-            t0, c0 = time.monotonic(), cpu()
+            t0, c0, l0 = time.monotonic(), cpu(), await sent_layers(room)
             await asyncio.sleep(args.clean)
             impair(True, args.rate, args.loss)
-            t1, c1 = time.monotonic(), cpu()
+            t1, c1, l1 = time.monotonic(), cpu(), await sent_layers(room)
             await asyncio.sleep(args.bad)
             impair(False, "", 0)
-            t2, c2 = time.monotonic(), cpu()
+            t2, c2, l2 = time.monotonic(), cpu(), await sent_layers(room)
             await asyncio.sleep(args.after)
-            t3, c3 = time.monotonic(), cpu()
+            t3, c3, l3 = time.monotonic(), cpu(), await sent_layers(room)
+            args.layers = [(l0, l1), (l1, l2), (l2, l3)]
             await watcher.wait()
             args.cpu = [
                 100 * (b - a) / (tb - ta)
@@ -317,7 +341,9 @@ def report(rows: list[list[Any]], marks: tuple[float, float, float, float], args
     )
     heard_clean = None
     phases = (("clean", t0, t1), ("bad", t1, t2), ("cleared", t2, t3))
-    for (name, start, end), load in zip(phases, args.cpu, strict=True):
+    for (name, start, end), load, (before, after) in zip(
+        phases, args.cpu, args.layers, strict=True
+    ):
         frames = [v for v in video if start <= v[0] < end]
         times = [start] + [v[0] for v in frames] + [end]
         freeze = max(b - a for a, b in itertools.pairwise(times))
@@ -330,6 +356,13 @@ def report(rows: list[list[Any]], marks: tuple[float, float, float, float], args
             f"{freeze:4.2f} s, speech heard {heard / heard_clean:4.2f} of the clean phase's; "
             f"publisher {load:.0f} % CPU"
         )
+        for rid, (encoded, sent, size, limited) in sorted(after.items()):
+            first = before.get(rid, (0, 0, "", ""))
+            print(
+                f"          sent as {rid:6s} {size:>9s}: encoded "
+                f"{(encoded - first[0]) / (end - start):4.1f} FPS, sent "
+                f"{(sent - first[1]) / (end - start):4.1f} FPS, held back by: {limited}"
+            )
     back = None
     second = t2
     while second + 1 <= t3:
