@@ -235,6 +235,10 @@ class _Mp4Writer:
         self._video.options = {"crf": str(crf), "preset": preset}
         self._audio: Any = self._container.add_stream("aac", rate=rate)
         self._audio.layout = "mono"
+        # both encoders opened and the header written here, before the two threads start: left
+        # to the first mux, PyAV opens every stream's encoder then, the audio one included,
+        # while the audio thread may be opening it too (a broken file, or a crash, now and then)
+        self._container.start_encoding()
         self._frames = 0
         self._samples = 0
         self._open = True
