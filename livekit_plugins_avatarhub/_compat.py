@@ -140,6 +140,18 @@ def replace_audio_output(agent_session: AgentSession[Any], sink: AudioOutput) ->
         output.audio = sink
 
 
+def datastream_audio_receiver(room: Any, sender: str | None, piece_ms: int) -> Any:
+    """LiveKit's receiver of an agent's speech, handing it on ``piece_ms`` at a time;
+    ``frame_size_ms`` arrived in livekit-agents 1.1, and 1.0 always waits for 100 ms."""
+    import inspect
+
+    from livekit.agents.voice.avatar import DataStreamAudioReceiver
+
+    if "frame_size_ms" in inspect.signature(DataStreamAudioReceiver).parameters:
+        return DataStreamAudioReceiver(room, sender_identity=sender, frame_size_ms=piece_ms)
+    return DataStreamAudioReceiver(room, sender_identity=sender)
+
+
 def job_context_or_none() -> Any:
     """The current job context, or None outside a job (``required=`` arrived in 1.1)."""
     from livekit.agents import get_job_context

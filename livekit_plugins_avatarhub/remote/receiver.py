@@ -86,14 +86,11 @@ SPEECH_PIECE_MS = 20
 def speech_receiver(room: rtc.Room, sender: str | None) -> AudioReceiver:
     """LiveKit's receiver of the agent's speech, handing it on 20 ms at a time where the
     installed livekit-agents lets it (1.1 and later; 1.0 always waits for 100 ms)."""
-    import inspect
-
-    from livekit.agents.voice.avatar import DataStreamAudioReceiver
+    from .._compat import datastream_audio_receiver
 
     # a broken receiver leaves its byte stream handler behind: a new one needs the topic
     unregister = getattr(room, "unregister_byte_stream_handler", None)
     if unregister is not None:
         unregister(AUDIO_STREAM_TOPIC)
-    if "frame_size_ms" in inspect.signature(DataStreamAudioReceiver).parameters:
-        return DataStreamAudioReceiver(room, sender_identity=sender, frame_size_ms=SPEECH_PIECE_MS)
-    return DataStreamAudioReceiver(room, sender_identity=sender)
+    receiver: AudioReceiver = datastream_audio_receiver(room, sender, SPEECH_PIECE_MS)
+    return receiver
