@@ -81,6 +81,13 @@ async def test_replicas_on_both_nodes_converge_on_one_avatar_rendered_via_the_ot
             )
 
         answers = await asyncio.gather(join(on_a, node_a), join(on_b, node_b))
+        if all(a.status_code == 503 for a in answers):
+            # seen once in a CI run of many (no worker took the job within 10 s, both replicas
+            # said so): an app is told to ask again after Retry-After, and so does this test
+            wait = float(answers[0].headers["Retry-After"])
+            print(f"two nodes: both joins refused ({answers[0].json()['error']['code']}), again")
+            await asyncio.sleep(wait)
+            answers = await asyncio.gather(join(on_a, node_a), join(on_b, node_b))
         assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
         avatar, fps = await watched(user)
         print(f"two nodes: the avatar reaches the user on node B at {fps:.1f} FPS")
