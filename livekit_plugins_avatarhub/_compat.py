@@ -140,14 +140,22 @@ def replace_audio_output(agent_session: AgentSession[Any], sink: AudioOutput) ->
         output.audio = sink
 
 
-def datastream_audio_receiver(room: Any, sender: str | None, piece_ms: int) -> Any:
-    """LiveKit's receiver of an agent's speech, handing it on ``piece_ms`` at a time;
-    ``frame_size_ms`` arrived in livekit-agents 1.1, and 1.0 always waits for 100 ms."""
+def receiver_takes_frame_size() -> bool:
+    """``DataStreamAudioReceiver(frame_size_ms=)`` arrived in livekit-agents 1.1; 1.0 always
+    hands the agent's speech on 100 ms at a time."""
     import inspect
 
     from livekit.agents.voice.avatar import DataStreamAudioReceiver
 
-    if "frame_size_ms" in inspect.signature(DataStreamAudioReceiver).parameters:
+    return "frame_size_ms" in inspect.signature(DataStreamAudioReceiver).parameters
+
+
+def datastream_audio_receiver(room: Any, sender: str | None, piece_ms: int) -> Any:
+    """LiveKit's receiver of an agent's speech, handing it on ``piece_ms`` at a time where
+    the installed livekit-agents lets it (:func:`receiver_takes_frame_size`)."""
+    from livekit.agents.voice.avatar import DataStreamAudioReceiver
+
+    if receiver_takes_frame_size():
         return DataStreamAudioReceiver(room, sender_identity=sender, frame_size_ms=piece_ms)
     return DataStreamAudioReceiver(room, sender_identity=sender)
 

@@ -70,15 +70,7 @@ async def test_replicas_on_both_nodes_converge_on_one_avatar_rendered_via_the_ot
     ):
 
         async def join(service, node) -> object:
-            return await service.post(
-                "/v1/agents/demo/join-room",
-                json={
-                    "room_url": node.url,
-                    "room_token": node.token("avatar", room, kind="agent"),
-                    "listen_to": "user",
-                },
-                timeout=30,
-            )
+            return await join_room(service, node, room, "avatar", listen_to="user", timeout=30)
 
         answers = await asyncio.gather(join(on_a, node_a), join(on_b, node_b))
         if all(a.status_code == 503 for a in answers):

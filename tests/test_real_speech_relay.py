@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from livekit import rtc
+from livekit_plugins_avatarhub._compat import receiver_takes_frame_size
 from livekit_plugins_avatarhub.remote.receiver import speech_receiver
 
 pytestmark = pytest.mark.livekit_real
@@ -21,15 +22,9 @@ PIECE = RATE // 50  # the 20 ms frames a streaming TTS sends
 async def test_the_avatar_hears_each_20_ms_of_speech_as_it_arrives(real_livekit):
     """A reply's first 20 ms reaches the runtime as soon as it arrives, not once 100 ms of
     it are there (LiveKit's receiver waits for 100 ms frames unless told otherwise)."""
-    import inspect
+    from livekit.agents.voice.avatar import AudioSegmentEnd, DataStreamAudioOutput
 
-    from livekit.agents.voice.avatar import (
-        AudioSegmentEnd,
-        DataStreamAudioOutput,
-        DataStreamAudioReceiver,
-    )
-
-    if "frame_size_ms" not in inspect.signature(DataStreamAudioReceiver).parameters:
+    if not receiver_takes_frame_size():
         pytest.skip("livekit-agents 1.0's receiver always waits for 100 ms of speech")
 
     room_name = "speech-relay"
@@ -68,6 +63,5 @@ async def test_the_avatar_hears_each_20_ms_of_speech_as_it_arrives(real_livekit)
     finally:
         listening.cancel()
         await receiver.aclose()
-        await output.aclose() if hasattr(output, "aclose") else None
         await agent.disconnect()
         await avatar.disconnect()

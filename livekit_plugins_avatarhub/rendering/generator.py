@@ -530,10 +530,7 @@ class RuntimeVideoGenerator(VideoGenerator):
                         stats.first_frame = now - stats.begun_at
                     picture = self._convert(frame.bgr_image)
             chunk = frame.audio_chunk
-            if chunk is None:
-                if picture is not None:
-                    yield picture
-            else:
+            if chunk is not None:
                 samples = chunk.array
                 self._audio_out(now)
                 if live:
@@ -545,11 +542,11 @@ class RuntimeVideoGenerator(VideoGenerator):
                     num_channels=1,
                     samples_per_channel=len(samples),
                 )
-                if picture is not None:
-                    if self._queues is not None:
-                        duration = len(samples) / chunk.sample_rate
-                        stats.av_offset = await self._in_step(duration, period)
-                    yield picture
+                if picture is not None and self._queues is not None:
+                    duration = len(samples) / chunk.sample_rate
+                    stats.av_offset = await self._in_step(duration, period)
+            if picture is not None:
+                yield picture
             if frame.end_of_speech:
                 self._playing = False
                 if live:
@@ -579,7 +576,7 @@ class RuntimeVideoGenerator(VideoGenerator):
         video, audio = self._queues
         queued = float(getattr(audio, "queued_duration", 0.0) or 0.0)
         start = time.monotonic() + queued - duration  # when this audio begins to be heard
-        hold = min(start + duration / 2 - time.monotonic(), SYNC_QUEUE_MS / 1000 + period)
+        hold = min(queued - duration / 2, SYNC_QUEUE_MS / 1000 + period)
         if hold > 0:
             await asyncio.sleep(hold)
         self._send_now()
